@@ -1,0 +1,3 @@
+from nonsmooth.reports._cli import main
+
+raise SystemExit(main())
