@@ -1,0 +1,211 @@
+"""Soft sort and soft rank on NumPy rows: the forward pass and its Jacobian structure.
+
+Blondel, Teboul, Berthet, Djolonga (ICML 2020). With ``rho = (n, n-1, ..., 1)`` and
+strength ``eps``, both operators are projections onto a permutahedron, and each projection
+is one sort plus one non-increasing isotonic regression (PAV) in sorted coordinates:
+
+* rank (ascending, rank 1 = smallest): project ``z = x / eps`` onto ``P(rho)``;
+  ``s = z`` sorted descending, ``w = rho``.
+* sort (descending): project ``rho / eps`` onto ``P(x)``; ``s = rho / eps``,
+  ``w = x`` sorted descending. Ascending sort is ``-sort_desc(-x)``; descending rank
+  uses ``z = -x / eps``.
+
+L2: ``v = iso(s - w)``; KL: ``v = iso_kl(s, w)`` (block value
+``logsumexp(s_B) - logsumexp(w_B)``). The output in sorted coordinates is ``s - v``,
+computed as ``w + ((s - w) - v)`` so that every singleton block returns its ``w``
+*exactly* (hard ranks / hard sort once ``eps`` is below the smallest gap).
+
+Every case is described by one coefficient ``alpha`` with ``u = alpha * x[perm]`` the
+descending-sorted "logits" (``u = s`` for rank, ``u = w`` for sort). Inside a block
+``B`` let ``p_B`` be ``1/|B|`` (L2) or ``softmax(u_B)`` (KL). Then, in sorted coordinates,
+
+* rank: ``d out = alpha * (I - 1 p_B^T) dx[perm]`` per block,
+* sort: ``d out = 1 p_B^T dx[perm]`` per block (the signs of ascending sort cancel).
+
+For KL soft sort the weights are the softmax over the block of the *sorted values*
+``w``; the widely copied reference implementation gets this wrong for blocks of more
+than one element. The integer ``perm`` and ``block`` come from the forward pass and are
+all a backward pass needs besides ``x``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._isotonic import pav_rows
+
+REGULARIZATIONS = ("l2", "kl")
+DIRECTIONS = ("ascending", "descending")
+OPS = ("sort", "rank")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_options(regularization, regularization_strength, direction) -> float:
+    """Validate the keyword options shared by every backend; return the strength as float."""
+    if not isinstance(regularization, str) or regularization not in REGULARIZATIONS:
+        raise ValueError(
+            f"regularization must be 'l2' or 'kl', got {regularization!r}"
+        )
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(
+            f"direction must be 'ascending' or 'descending', got {direction!r}"
+        )
+    strength = regularization_strength
+    if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, numbers.Real):
+        raise TypeError(
+            "regularization_strength must be a positive Python float, got "
+            f"{strength!r} of type {type(strength).__name__}"
+        )
+    strength = float(strength)
+    if not (math.isfinite(strength) and strength > 0.0):
+        raise ValueError(
+            "regularization_strength must be a finite number > 0 (it divides the "
+            f"input; use a small value such as 1e-3 for nearly hard output), got {strength!r}"
+        )
+    return strength
+
+
+def check_finite_rows(x2: np.ndarray, name: str = "values") -> None:
+    """Reject NaN/inf, quoting the first bad value and its index in ``x2``."""
+    if not np.isfinite(x2).all():
+        bad = np.argwhere(~np.isfinite(x2))[0]
+        idx = tuple(int(i) for i in bad)
+        raise ValueError(
+            f"{name} must be finite (soft sort/rank of NaN or inf is undefined); "
+            f"found {x2[idx]!r} at row {idx[0]}, position {idx[1]} of the flattened "
+            "(batch, n) input"
+        )
+
+
+def alpha(op: str, strength: float, descending: bool) -> float:
+    """The coefficient with ``u = alpha * x[perm]`` sorted descending (see module doc)."""
+    sign = -1.0 if descending else 1.0
+    if op == "rank":
+        return sign / strength
+    return -sign  # sort: descending -> +1, ascending -> -1
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _rho(n: int, dtype) -> np.ndarray:
+    return np.arange(n, 0, -1, dtype=dtype)
+
+
+def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: float,
+                 descending: bool):
+    """Soft sort/rank of every row of a finite, C-contiguous float32/float64 (R, n) array.
+
+    Returns ``(out, perm, block)``: ``out`` like ``x2``; int64 ``perm`` (row-wise order
+    that sorts ``alpha * x`` descending) and int64 ``block`` (PAV block starts in sorted
+    coordinates).
+    """
+    rows, n = x2.shape
+    dtype = x2.dtype
+    if rows == 0:
+        empty = np.empty((0, n), dtype=np.int64)
+        return np.empty((0, n), dtype=dtype), empty, empty.copy()
+    a = alpha(op, strength, descending)
+    # One argsort per call over the whole batch; negating first turns it into a
+    # descending order of u without reversing (and copying) the index array.
+    perm = np.argsort(x2 if a < 0 else np.negative(x2), axis=-1)
+    offsets = np.arange(0, rows * n, n, dtype=np.int64)[:, None]
+    flat = perm + offsets
+    u = np.take(x2.ravel(), flat)
+    if a != 1.0:
+        u *= dtype.type(a)
+    rho = _rho(n, dtype)
+    if op == "rank":
+        s, w = u, np.broadcast_to(rho, u.shape)
+    else:
+        s, w = np.broadcast_to(rho / dtype.type(strength), u.shape), u
+    y = s - w
+    if regularization == "l2":
+        v, block = pav_rows(y, kind="l2", check_finite=False)
+    else:
+        v, block = pav_rows(np.ascontiguousarray(s), np.ascontiguousarray(w), kind="kl",
+                            check_finite=False)
+    # w + ((s - w) - v): a singleton block has v == s - w bit for bit, so it returns w.
+    y -= v
+    y += w
+    if op == "rank":
+        out = np.empty_like(x2)
+        out.ravel()[flat.ravel()] = y.ravel()
+    else:
+        out = y if a > 0 else np.negative(y, out=y)
+    return out, perm, block
+
+
+# --------------------------------------------------------------------------- Jacobian
+
+
+def _segment_ids(block: np.ndarray) -> np.ndarray:
+    rows, n = block.shape
+    return (block + np.arange(0, rows * n, n, dtype=np.int64)[:, None]).ravel()
+
+
+def _segsum_bcast(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Sum of ``values`` over each block, broadcast back to every member."""
+    sums = np.bincount(ids, weights=values.ravel(), minlength=values.size)
+    return sums[ids].reshape(values.shape)
+
+
+def block_weights(x2: np.ndarray, perm: np.ndarray, block: np.ndarray, *, op: str,
+                  regularization: str, strength: float, descending: bool) -> np.ndarray:
+    """``p`` in sorted coordinates: ``1/|B|`` (L2) or ``softmax(u_B)`` (KL), float64."""
+    ids = _segment_ids(block)
+    if regularization == "l2":
+        counts = np.bincount(ids, minlength=block.size)[ids].reshape(block.shape)
+        return 1.0 / counts
+    a = alpha(op, strength, descending)
+    u = a * np.take_along_axis(x2.astype(np.float64), perm, axis=-1)
+    # u is sorted descending, so a block's first entry is its maximum: exp never overflows.
+    e = np.exp(u - np.take_along_axis(u, block, axis=-1))
+    return e / _segsum_bcast(e, ids)
+
+
+def jvp_rows(x2, perm, block, t2, *, op, regularization, strength, descending):
+    """Jacobian-vector product ``J(x) t`` for rows (float64 result)."""
+    p = block_weights(x2, perm, block, op=op, regularization=regularization,
+                      strength=strength, descending=descending)
+    ids = _segment_ids(block)
+    ts = np.take_along_axis(np.asarray(t2, dtype=np.float64), perm, axis=-1)
+    if op == "sort":
+        return _segsum_bcast(p * ts, ids)
+    a = alpha(op, strength, descending)
+    out_s = a * (ts - _segsum_bcast(p * ts, ids))
+    out = np.empty_like(out_s)
+    np.put_along_axis(out, perm, out_s, axis=-1)
+    return out
+
+
+def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
+    """Vector-Jacobian product ``J(x)^T g`` for rows (float64 result)."""
+    p = block_weights(x2, perm, block, op=op, regularization=regularization,
+                      strength=strength, descending=descending)
+    ids = _segment_ids(block)
+    g2 = np.asarray(g2, dtype=np.float64)
+    if op == "sort":
+        r = p * _segsum_bcast(g2, ids)
+    else:
+        gs = np.take_along_axis(g2, perm, axis=-1)
+        r = alpha(op, strength, descending) * (gs - p * _segsum_bcast(gs, ids))
+    out = np.empty_like(r)
+    np.put_along_axis(out, perm, r, axis=-1)
+    return out
+
+
+def jacobian_rows(x2, perm, block, *, op, regularization, strength, descending):
+    """Dense Jacobians, shape (R, n, n) (for tests and reports on small n)."""
+    rows, n = x2.shape
+    eye = np.eye(n)
+    jac = np.empty((rows, n, n))
+    for j in range(n):
+        t = np.broadcast_to(eye[j], (rows, n))
+        jac[:, :, j] = jvp_rows(x2, perm, block, t, op=op, regularization=regularization,
+                                strength=strength, descending=descending)
+    return jac
