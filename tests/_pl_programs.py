@@ -95,17 +95,21 @@ class PLProgram:
         for L in self.layers:
             Z = H @ L.W.T + L.b
             JZ = np.einsum("oi,nij->noj", L.W, J)
+            # A tie only matters where the two sides' Jacobian rows differ; a pre-activation that
+            # is exactly 0 with a zero Jacobian row is constant 0 on the whole open piece.
+            moving = np.any(JZ != 0.0, axis=2)
             if L.act == "relu":
-                generic &= np.all(Z != 0.0, axis=1)
+                generic &= ~np.any((Z == 0.0) & moving, axis=1)
                 H = np.maximum(Z, 0.0)
                 J = JZ * (Z > 0)[:, :, None]
             elif L.act == "abs":
-                generic &= np.all(Z != 0.0, axis=1)
+                generic &= ~np.any((Z == 0.0) & moving, axis=1)
                 H = np.abs(Z)
                 J = JZ * np.sign(Z)[:, :, None]
             elif L.act in ("max", "min"):
                 a, c = Z[:, 0::2], Z[:, 1::2]
-                generic &= np.all(a != c, axis=1)
+                differ = np.any(JZ[:, 0::2] != JZ[:, 1::2], axis=2)
+                generic &= ~np.any((a == c) & differ, axis=1)
                 pick_a = (a > c) if L.act == "max" else (a < c)
                 H = np.where(pick_a, a, c)
                 J = np.where(pick_a[:, :, None], JZ[:, 0::2], JZ[:, 1::2])
@@ -330,6 +334,8 @@ def sampled_b_subdifferential(prog: PLProgram, x: np.ndarray, *, n_directions: i
     if np.any(ok & ~same):
         raise AssertionError(f"oracle step t={t} leaves the local cone structure at x={x.tolist()} for {prog!r}")
     J = J1[ok]
+    if J.shape[0] == 0:
+        raise AssertionError(f"oracle found no point in general position near x={x.tolist()} for {prog!r}")
     # Entries are exact sums of products of dyadics, so rounding-free: exact dedupe is safe.
     flat = np.round(J.reshape(J.shape[0], -1), 12)
     uniq, inverse, counts = np.unique(flat, axis=0, return_inverse=True, return_counts=True)
