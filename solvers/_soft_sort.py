@@ -21,7 +21,7 @@ def _framework(values) -> str:
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(values, jax.Array):
         return "jax"
-    if isinstance(values, np.ndarray):
+    if isinstance(values, (np.ndarray, np.generic)):
         return "numpy"
     raise TypeError(
         "values must be a NumPy array, a torch.Tensor or a jax.Array, got "
@@ -40,7 +40,8 @@ def _numpy_compute_dtype(dtype: np.dtype, fn: str):
     )
 
 
-def _numpy(values: np.ndarray, op: str, fn: str, regularization, strength, direction):
+def _numpy(values, op: str, fn: str, regularization, strength, direction):
+    values = np.asarray(values)
     if values.ndim == 0:
         raise ValueError(f"{fn}: values must have at least one axis, got a scalar {values!r}")
     n = values.shape[-1]
@@ -49,7 +50,7 @@ def _numpy(values: np.ndarray, op: str, fn: str, regularization, strength, direc
                          f"{values.shape}")
     work = _numpy_compute_dtype(values.dtype, fn)
     x2 = np.ascontiguousarray(values, dtype=work).reshape(-1, n)
-    _core.check_finite_rows(x2)
+    _core.check_scale(_core.check_finite_rows(x2), n, work, op=op, strength=strength)
     out, _, _ = _core.forward_rows(x2, op=op, regularization=regularization,
                                    strength=strength, descending=direction == "descending")
     return out.reshape(values.shape).astype(values.dtype, copy=False)
@@ -77,9 +78,9 @@ def soft_sort(values, *, regularization: str = "l2", regularization_strength: fl
 
     The projection of ``rho / eps`` (``rho = (n, ..., 1)``) onto the permutahedron of
     ``values``: Euclidean for ``regularization="l2"`` (the output keeps the sum of
-    ``values``), entropic for ``"kl"``. ``regularization_strength`` (``eps > 0``) below
-    the smallest gap between neighbouring sorted values returns the hard sort exactly;
-    large values pull the output towards the mean. Any number of leading batch axes.
+    ``values``), entropic for ``"kl"``. A strength ``eps > 0`` with ``eps * gap < 1``
+    for every gap between neighbouring sorted values returns the hard sort exactly;
+    large values pull the output towards the mean (L2) or the log-mean-exp (KL). Any number of leading batch axes.
     Returns the input's array type: NumPy, torch (a differentiable
     ``torch.ops.nonsmooth.soft_sort_rank`` custom op) or jax (``custom_jvp``).
     float16/bfloat16 are computed in float32. CUDA tensors make a host round trip for
@@ -103,9 +104,10 @@ def soft_rank(values, *, regularization: str = "l2", regularization_strength: fl
 
     The projection of ``values / eps`` onto the permutahedron of ``(n, ..., 1)``
     (Euclidean for ``"l2"``, entropic for ``"kl"``). L2 ranks always sum to
-    ``n (n + 1) / 2``; ``eps`` below the smallest gap between values gives the hard
-    ranks exactly, large ``eps`` gives ``(n + 1) / 2`` everywhere (L2). Tied values get
-    equal ranks. Same array types, batching, dtypes and device notes as
+    ``n (n + 1) / 2`` (KL: ``exp(ranks)`` sums to ``e + ... + e^n``); ``eps`` below the
+    smallest gap between distinct values gives the hard ranks exactly, large ``eps``
+    gives ``(n + 1) / 2`` everywhere (L2). Tied values get equal ranks (L2: the average
+    rank). Same array types, batching, dtypes and device notes as
     :func:`soft_sort`.
 
     Example:

@@ -69,15 +69,33 @@ def check_options(regularization, regularization_strength, direction) -> float:
     return strength
 
 
-def check_finite_rows(x2: np.ndarray, name: str = "values") -> None:
-    """Reject NaN/inf, quoting the first bad value and its index in ``x2``."""
-    if not np.isfinite(x2).all():
-        bad = np.argwhere(~np.isfinite(x2))[0]
-        idx = tuple(int(i) for i in bad)
+def check_finite_rows(x2: np.ndarray, name: str = "values") -> float:
+    """Reject NaN/inf, quoting the first bad value; return ``max |x2|`` (0 when empty)."""
+    if x2.size == 0:
+        return 0.0
+    # min/max propagate NaN and need no temporary array, unlike isfinite().all().
+    lo, hi = float(x2.min()), float(x2.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(x2))[0])
         raise ValueError(
             f"{name} must be finite (soft sort/rank of NaN or inf is undefined); "
-            f"found {x2[idx]!r} at row {idx[0]}, position {idx[1]} of the flattened "
+            f"found {float(x2[idx])!r} at row {idx[0]}, position {idx[1]} of the flattened "
             "(batch, n) input"
+        )
+    return max(-lo, hi)
+
+
+def check_scale(max_abs: float, n: int, dtype, *, op: str, strength: float) -> None:
+    """Refuse inputs whose scaled keys would overflow to inf (and then NaN) in ``dtype``."""
+    limit = float(np.finfo(dtype).max) / 8.0  # room for s - w and the block sums
+    if op == "rank":
+        scaled, what = max_abs / strength, "max |values| / regularization_strength"
+    else:
+        scaled, what = max(n / strength, max_abs), "n / regularization_strength"
+    if not scaled < limit:
+        raise ValueError(
+            f"{what} = {scaled!r} overflows {np.dtype(dtype).name}; rescale values or use "
+            f"a larger regularization_strength (got {strength!r})"
         )
 
 

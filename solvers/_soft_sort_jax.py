@@ -20,7 +20,7 @@ def _host_forward(x, *, op, regularization, strength, descending):
     x = np.asarray(x)
     n = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, n)
-    _core.check_finite_rows(x2)
+    _core.check_scale(_core.check_finite_rows(x2), n, x2.dtype, op=op, strength=strength)
     out, perm, block = _core.forward_rows(x2, op=op, regularization=regularization,
                                           strength=strength, descending=descending)
     # int32 indices: valid with and without jax_enable_x64.
@@ -132,8 +132,9 @@ def soft_sort_rank_jax(x, *, op: str, fn: str, regularization: str, strength: fl
     if x.size == 0:
         return x
     if not isinstance(x, jax.core.Tracer):
-        _core.check_finite_rows(np.asarray(x).reshape(-1, x.shape[-1]).astype(np.float64,
-                                                                              copy=False))
+        host = np.asarray(x.astype(work)).reshape(-1, x.shape[-1])
+        _core.check_scale(_core.check_finite_rows(host), x.shape[-1], host.dtype, op=op,
+                          strength=strength)
     xw = x.astype(work) if work != x.dtype else x
     out = _soft(xw, op, regularization, strength, descending)
     return out.astype(x.dtype) if work != x.dtype else out

@@ -23,7 +23,8 @@ def _soft_sort_rank(x: torch.Tensor, strength: float, regularization: str, rank:
     if host.device.type != "cpu":
         host = host.cpu()
     x2 = host.contiguous().numpy().reshape(-1, n)
-    _core.check_finite_rows(x2)
+    _core.check_scale(_core.check_finite_rows(x2), n, x2.dtype, op="rank" if rank else "sort",
+                      strength=strength)
     out, perm, block = _core.forward_rows(
         x2, op="rank" if rank else "sort", regularization=regularization,
         strength=strength, descending=descending)
