@@ -1,0 +1,131 @@
+"""Public solver entry points; they dispatch on the array type of ``z0`` (torch or jax)."""
+from __future__ import annotations
+
+from ._options import SolverOptions, framework_of
+
+
+def _adapter(z0):
+    if framework_of(z0) == "torch":
+        from . import _torch_implicit as mod
+    else:
+        from . import _jax_implicit as mod
+    return mod
+
+
+def fixed_point(f, z0, *, method: str = "anderson", tol: float = 1e-6, max_iter: int = 100, m: int = 5,
+                beta: float = 1.0, stop: str = "rel", atol: float = 0.0, memory=None, lam: float = 1e-8,
+                on_failure: str = "warn", batched=None):
+    """Solve ``z = f(z)`` from ``z0`` (a torch tensor or a jax array); returns ``(z, SolveInfo)``.
+
+    Batched: when ``z0.ndim >= 2`` (or ``batched=True``) the leading axis indexes samples and
+    each sample stops on its own residual (``f`` must treat samples independently).
+    ``method``: ``"picard"`` (``z <- (1-beta) z + beta f(z)``), ``"anderson"`` (history ``m``,
+    regularizer ``lam`` scaled to the residuals) or ``"broyden"`` (limited memory ``memory``,
+    default ``max_iter``).  ``stop="rel"`` stops when ``|f(z) - z| <= tol |f(z)|``; ``"abs"`` when
+    ``|f(z) - z| <= tol``; ``atol`` is an absolute floor for either.  Failure to converge is
+    reported by ``on_failure`` ("warn", "raise" or "ignore") and the smallest-residual iterate
+    is returned; NaN/inf iterates raise ``FloatingPointError``.  Not differentiable: use
+    ``implicit_fixed_point`` for gradients.  With jax it runs under ``jit``/``vmap``.
+
+    Example:
+        >>> import torch
+        >>> from nonsmooth.implicit import fixed_point
+        >>> z, info = fixed_point(torch.cos, torch.zeros(1, dtype=torch.float64), tol=1e-10)
+        >>> round(float(z), 6), info.all_converged
+        (0.739085, True)
+    """
+    opts = SolverOptions(method=method, tol=tol, max_iter=max_iter, m=m, beta=beta, stop=stop, atol=atol,
+                         memory=memory, lam=lam, on_failure=on_failure)
+    _check_callable(f, "f")
+    return _adapter(z0).fixed_point(f, z0, opts, batched=batched)
+
+
+def root(F, z0, *, method: str = "anderson", tol: float = 1e-6, max_iter: int = 100, m: int = 5,
+         beta: float = 1.0, stop: str = "rel", atol: float = 0.0, memory=None, lam: float = 1e-8,
+         on_failure: str = "warn", batched=None):
+    """Solve ``F(z) = 0`` from ``z0``; returns ``(z, SolveInfo)``.
+
+    Runs the fixed-point solvers on ``z <- z - F(z)``, so it suits ``F`` whose Jacobian is
+    near the identity (``F(z) = z - f(z)``); scale ``F`` or lower ``beta`` otherwise.  The
+    residual is ``|F(z)|`` (relative: ``|F(z)| / |z - F(z)|``).  Options as in ``fixed_point``.
+
+    Example:
+        >>> import torch
+        >>> from nonsmooth.implicit import root
+        >>> z, info = root(lambda z: z - torch.cos(z), torch.zeros(1, dtype=torch.float64), tol=1e-10)
+        >>> round(float(z), 6)
+        0.739085
+    """
+    opts = SolverOptions(method=method, tol=tol, max_iter=max_iter, m=m, beta=beta, stop=stop, atol=atol,
+                         memory=memory, lam=lam, on_failure=on_failure)
+    _check_callable(F, "F")
+    return _adapter(z0).root(F, z0, opts, batched=batched)
+
+
+def implicit_fixed_point(f, z0, *args, backward: str = "implicit", backward_solver=None, backward_tol=None,
+                         backward_max_iter=None, phantom_steps: int = 5, phantom_damping: float = 0.5,
+                         method: str = "anderson", tol: float = 1e-6, max_iter: int = 100, m: int = 5,
+                         beta: float = 1.0, stop: str = "rel", atol: float = 0.0, memory=None, lam: float = 1e-8,
+                         on_failure: str = "warn", batched=None, on_backward=None):
+    """Differentiable ``z*(args)`` with ``z* = f(z*, *args)``; returns ``(z*, stats)``.
+
+    Backward modes:
+      - ``"implicit"``: solves the adjoint system ``u^T (I - df/dz) = g^T`` at ``z*`` with
+        ``backward_solver`` (the forward method by default, or ``"gmres"``) to ``backward_tol``;
+        memory does not depend on the forward steps.
+      - ``"phantom"``: backprop through ``phantom_steps`` damped steps
+        ``z <- (1-lam) z + lam f(z)`` started at ``z*`` (``lam = phantom_damping``).
+      - ``"jfb"``: Jacobian-free backprop, one step ``f(z*)`` (drops ``(I - df/dz)^-1``).
+      - ``"unroll"``: backprop through the forward iterations themselves (memory grows with steps).
+
+    torch: gradients reach ``args`` and any parameters ``f`` uses; ``stats`` is an
+    ``ImplicitStats`` whose ``backward`` is filled in when the backward pass runs.
+    jax: gradients reach ``args`` and arrays ``f`` closes over; ``stats`` is the forward
+    ``SolveInfo``, and ``on_backward(info)`` is called with the backward ``SolveInfo``.
+
+    Example:
+        >>> import torch
+        >>> from nonsmooth.implicit import implicit_fixed_point
+        >>> x = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+        >>> z, _ = implicit_fixed_point(lambda z, x: 0.5 * torch.sin(z) + x, torch.zeros(1, dtype=torch.float64), x, tol=1e-12)
+        >>> z.backward(); dz = 1 / (1 - 0.5 * torch.cos(z.detach()))   # implicit function theorem
+        >>> bool(torch.allclose(x.grad, dz))
+        True
+    """
+    opts = SolverOptions(method=method, tol=tol, max_iter=max_iter, m=m, beta=beta, stop=stop, atol=atol,
+                         memory=memory, lam=lam, on_failure=on_failure)
+    _check_callable(f, "f")
+    kw = dict(backward=backward, backward_solver=backward_solver, backward_tol=backward_tol,
+              backward_max_iter=backward_max_iter, phantom_steps=phantom_steps, phantom_damping=phantom_damping,
+              batched=batched)
+    mod = _adapter(z0)
+    if mod.__name__.endswith("_jax_implicit"):
+        kw["on_backward"] = on_backward
+    elif on_backward is not None:
+        raise TypeError("on_backward is for jax; with torch read stats.backward after the backward pass")
+    return mod.implicit_fixed_point(f, z0, args, opts, **kw)
+
+
+def implicit_root(F, z0, *args, **options):
+    """Differentiable root ``z*(args)`` with ``F(z*, *args) = 0``; the root-form twin of
+    ``implicit_fixed_point`` (same options; solved as ``z = z - F(z, *args)``).
+
+    Example:
+        >>> import torch
+        >>> from nonsmooth.implicit import implicit_root
+        >>> a = torch.tensor([4.0], dtype=torch.float64, requires_grad=True)
+        >>> z, _ = implicit_root(lambda z, a: z - 0.25 * a, torch.zeros(1, dtype=torch.float64), a)
+        >>> z.backward(); float(a.grad)
+        0.25
+    """
+    _check_callable(F, "F")
+
+    def f(z, *a):
+        return z - F(z, *a)
+
+    return implicit_fixed_point(f, z0, *args, **options)
+
+
+def _check_callable(f, name):
+    if not callable(f):
+        raise TypeError(f"{name} must be callable; got {type(f).__name__}")
