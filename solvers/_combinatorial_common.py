@@ -1,0 +1,119 @@
+"""Framework detection and input checks shared by the combinatorial layers.
+
+Nothing here imports torch or jax: a framework is recognised only when its module is
+already loaded, which it must be if the user handed us one of its arrays.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+SENSES = ("max", "min")
+
+
+def framework_of(x) -> str:
+    """"torch", "jax" or "numpy" for an array; TypeError for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        return "jax"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    raise TypeError(
+        f"expected a torch tensor, a jax array or a numpy array, got {type(x).__name__}; "
+        "convert the input with torch.as_tensor / jnp.asarray / np.asarray first"
+    )
+
+
+def is_tracer(x) -> bool:
+    """True for a jax value under jit/vmap/grad (its contents are not known yet)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+def check_array(x, name: str, *, event_ndim: int, floating: bool = True) -> str:
+    """Validate dtype, rank and (when concrete) finiteness; return the framework name."""
+    fw = framework_of(x)
+    if x.ndim < event_ndim:
+        raise ValueError(
+            f"{name} must have at least {event_ndim} dimension(s) (leading batch axes then "
+            f"{event_ndim} event axes), got shape {tuple(x.shape)}"
+        )
+    event_shape = tuple(x.shape[x.ndim - event_ndim:])
+    if any(s == 0 for s in event_shape):
+        raise ValueError(f"{name} has an empty event shape {event_shape} (shape {tuple(x.shape)})")
+    if floating and not _is_floating(x, fw):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if not is_tracer(x) and _size(x) > 0:
+        finite = _all_finite(x, fw)
+        if not finite:
+            bad = _first_bad(x, fw)
+            raise ValueError(
+                f"{name} contains a non-finite value ({bad}); the solvers need finite inputs"
+            )
+    return fw
+
+
+def check_sense(sense) -> str:
+    if sense not in SENSES:
+        raise ValueError(f"sense must be 'max' or 'min', got {sense!r}")
+    return sense
+
+
+def _size(x) -> int:
+    n = 1
+    for s in x.shape:
+        n *= int(s)
+    return n
+
+
+def _is_floating(x, fw) -> bool:
+    if fw == "torch":
+        return x.is_floating_point()
+    if fw == "jax":
+        import jax.numpy as jnp
+
+        return bool(jnp.issubdtype(x.dtype, jnp.floating))
+    return np.issubdtype(x.dtype, np.floating)
+
+
+def _all_finite(x, fw) -> bool:
+    if fw == "torch":
+        import torch
+
+        if not x.is_floating_point():
+            return True
+        return bool(torch.isfinite(x).all())
+    if fw == "jax":
+        import jax.numpy as jnp
+
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return True
+        return bool(jnp.isfinite(x).all())
+    if not np.issubdtype(x.dtype, np.inexact):
+        return True
+    return bool(np.isfinite(x).all())
+
+
+def _first_bad(x, fw):
+    a = np.asarray(x.detach().cpu() if fw == "torch" else x, dtype=np.float64).reshape(-1)
+    idx = int(np.flatnonzero(~np.isfinite(a))[0])
+    return f"{a[idx]!r} at flat index {idx}"
+
+
+def solver_info(solver, *, event_ndim=None, sense=None) -> tuple[int, str]:
+    """Event rank of a solver's input and whether it maximizes or minimizes.
+
+    Solvers from this package carry ``event_ndim`` and ``sense`` attributes; for any
+    other callable the defaults are one event axis and maximization.
+    """
+    if not callable(solver):
+        raise TypeError(f"solver must be callable, got {type(solver).__name__}")
+    nd = event_ndim if event_ndim is not None else getattr(solver, "event_ndim", 1)
+    if not isinstance(nd, int) or isinstance(nd, bool) or nd < 1:
+        raise ValueError(f"event_ndim must be an int >= 1, got {nd!r}")
+    s = sense if sense is not None else getattr(solver, "sense", "max")
+    return nd, check_sense(s)
