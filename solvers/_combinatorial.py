@@ -219,9 +219,9 @@ def shortest_path_grid(costs):
         >>> import numpy as np
         >>> c = np.ones((3, 3)); c[1, 1] = 9.0
         >>> shortest_path_grid(c)
-        array([[1., 0., 0.],
-               [1., 0., 0.],
-               [0., 1., 1.]])
+        array([[1., 1., 0.],
+               [0., 0., 1.],
+               [0., 0., 1.]])
     """
     fw = check_array(costs, "costs", event_ndim=2)
     if fw == "jax":
