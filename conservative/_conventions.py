@@ -376,7 +376,8 @@ def _jax_reverse_jacobian(fn: Callable, point: tuple) -> np.ndarray:
     scalar_in = len(point) == 1
     with jax.enable_x64(True):
         x = jnp.asarray(point[0] if scalar_in else list(point), dtype=jnp.float64)
-        J = jax.jacrev(fn)(x)
+        # One compiled program per probe: op-by-op dispatch compiles every primitive separately.
+        J = jax.jit(jax.jacrev(fn))(x)
         return np.asarray(J, dtype=np.float64).reshape(-1, len(point))
 
 

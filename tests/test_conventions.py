@@ -255,3 +255,17 @@ def test_import_does_not_load_frameworks():
     code = ("import sys, nonsmooth.conservative._conventions, nonsmooth.conservative._sampling; "
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_conventions_suite_checks_pass_and_render():
+    from nonsmooth.reports._suite_conventions import run
+
+    res = run(quick=True)
+    assert res.checks and all(c.passed for c in res.checks), [c.name for c in res.checks if not c.passed]
+    table = res.tables[0]
+    assert len(table.rows) >= len(RULES) and "torch AD" in table.columns and "jax AD" in table.columns
+    bar = res.figures[0]
+    assert bar.kind == "bar" and set(bar.series) >= {"torch AD", "jax AD"}
+    assert all(len(v) == len(bar.x) for v in bar.series.values())
+    json.dumps(res.to_json(), allow_nan=False)
+    assert "abs'(0)" in res.summary
