@@ -213,7 +213,7 @@ def _vertices(lo, hi, active, max_count, rng):
     idx = np.flatnonzero(active & (lo != hi))
     k = idx.size
     if 2 ** k <= max_count:
-        choices = np.array(list(itertools.product((0, 1), repeat=k)), dtype=bool).reshape(-1, k)
+        choices = np.array(list(itertools.product((0, 1), repeat=k)), dtype=bool).reshape(2 ** k, k)
         exact = True
     else:
         choices = rng.integers(0, 2, size=(max_count, k)).astype(bool)
@@ -304,10 +304,11 @@ def _jacobian_fn(F, z, theta):
         import jax
         import jax.numpy as jnp
 
+        # float64 only when the user enabled x64; otherwise float32 with jax's own precision
+        jf = jax.jit(jax.jacrev(lambda u: jnp.reshape(F(u.reshape(shape), theta), (-1,))))
+
         def jac(v):
-            # float64 only when the user enabled x64; otherwise float32 with jax's own precision
-            t = jnp.asarray(v)
-            return np.asarray(jax.jacrev(lambda u: jnp.reshape(F(u.reshape(shape), theta), (-1,)))(t), float)
+            return np.asarray(jf(jnp.asarray(v)), float)
 
         return jac
 
@@ -507,8 +508,10 @@ def implicit_jacobian_set(F, z, theta=None, *, max_kinks: int = 12, kink_tol: fl
         import jax
         import jax.numpy as jnp
 
+        jf = jax.jit(jax.jacrev(lambda u: jnp.reshape(joint(u), (-1,))))
+
         def jac(v):
-            return np.asarray(jax.jacrev(lambda u: jnp.reshape(joint(u), (-1,)))(jnp.asarray(v)), float)
+            return np.asarray(jf(jnp.asarray(v)), float)
     else:
         jac = _jacobian_fn(lambda v, _: np.asarray(joint(v), float), np.concatenate([z_np, t_np]), None)
     v0 = np.concatenate([z_np, t_np])
