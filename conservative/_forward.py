@@ -1,0 +1,405 @@
+"""Forward evaluation of the IR in float64 with a tangent matrix, branching at kinks.
+
+One pass evaluates every node in float64, pushes a tangent matrix (k columns: identity
+directions give the full Jacobian, a direction matrix M gives f'(x; M)) and, at each
+nonsmooth primitive, finds the *sites* that sit at a kink and asks a *policy* which
+branch (option) to take there:
+
+* :class:`LexPolicy`: Khan & Barton's lexicographic rule (first nonzero tangent column);
+* :class:`AssignPolicy`: a given vertex choice per site (AD-selection Jacobians);
+* :class:`EnumPolicy`: every option whose first-order region stays nonempty (LP), giving
+  a depth-first enumeration of the essentially active pieces.
+
+Every run records the strict linear conditions on the directions ``d`` under which its
+branches are in force, so any leaf can be checked for being an essentially active piece.
+Smooth primitives are evaluated and differentiated by the framework (``backend``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from . import _rule_impls as R
+from ._ir import Graph, Lit, Node, Var
+from ._lp import strictly_feasible
+from ._rules import RULES
+
+ZERO_ROW = 1e-13
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+class NotEnumerable(Exception):
+    """A site has no finite list of branches (2-norm at 0): enumeration cannot be exact."""
+
+
+@dataclasses.dataclass
+class Leaf:
+    out: np.ndarray  # flat float64 outputs
+    jac: np.ndarray  # (n_out, k): the outputs' tangents
+    choices: list  # [(Site, Option)]
+    conds: list  # rows (k,) with row . d > 0 on this piece
+    certified: bool  # no branch was taken on a tie that persists to first order at a jump
+    degenerate: bool  # some kink argument had a zero first-order tangent
+    nonaffine_kink: bool  # some active kink's argument is not piecewise affine in x
+    witness: Any = None
+
+
+class LexPolicy:
+    branching = False
+
+    def options(self, site, rowfn, node):
+        if site.kind in ("nonlipschitz", "unsupported"):
+            return site.options[:1]
+        if site.kind == "norm":
+            return [R.norm_lex(site, rowfn, node._norm_slices[site.key[1]])]
+        if site.kind in ("kink", "jump"):
+            return [R.unary_lex(site, rowfn)]
+        if site.kind in ("tie", "compare"):
+            return [R.binary_lex(site, rowfn)]
+        if site.kind == "group":
+            return [R.select_lex(site, rowfn)]
+        return site.options[:1]
+
+
+class AssignPolicy:
+    """Choose option ``assign(site)``; ``assign`` maps a site to an option index."""
+
+    branching = False
+
+    def __init__(self, assign):
+        self.assign = assign
+
+    def options(self, site, rowfn, node):
+        if len(site.options) <= 1:
+            return site.options[:1]
+        return [site.options[self.assign(site) % len(site.options)]]
+
+
+class EnumPolicy:
+    branching = True
+
+    def options(self, site, rowfn, node):
+        if site.kind == "norm":
+            raise NotEnumerable(site.text)
+        return site.options
+
+
+def _affine_vars(graph: Graph, backend) -> tuple[set, set]:
+    """Variables that depend on the inputs (live), and those that are piecewise affine in them."""
+    live = {v.id for v in graph.inputs}
+    affine = set(live) | set(graph.consts)
+    for node in graph.nodes:
+        ins = [v for v in node.inputs if isinstance(v, Var)]
+        is_live = any(v.id in live for v in ins)
+        if is_live:
+            for o in node.outputs:
+                live.add(o.id)
+        if not is_live:
+            ok = True
+        elif node.rule is not None:
+            ok = RULES[node.rule].piecewise_affine and all(v.id in affine for v in ins)
+        else:
+            ok = backend.is_linear(node, [isinstance(v, Var) and v.id in live for v in node.inputs]) and all(
+                v.id in affine for v in ins if v.id in live
+            )
+        if ok:
+            for o in node.outputs:
+                affine.add(o.id)
+    return live, affine
+
+
+class Interpreter:
+    def __init__(self, graph: Graph, backend, xs64: list, *, kink_tol: float = 0.0):
+        self.g = graph
+        self.be = backend
+        self.xs64 = xs64
+        self.tol = float(kink_tol)
+        self.live, self.affine = _affine_vars(graph, backend)
+        self.n_in = sum(v.size for v in graph.inputs)
+        users: dict[int, int] = {}
+        for node in graph.nodes:
+            for v in node.inputs:
+                if isinstance(v, Var):
+                    users[v.id] = users.get(v.id, 0) + 1
+        for v in graph.outputs:
+            users[v.id] = users.get(v.id, 0) + 1
+        self.users = users
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, policy, tangents: list, *, max_leaves: int = 1, max_sites: int | None = None) -> list[Leaf]:
+        """All leaves of the branch tree under ``policy`` (one leaf unless it branches)."""
+        vals = {v.id: self.be.input(x) for v, x in zip(self.g.inputs, self.xs64)}
+        for cid, c in self.g.consts.items():
+            vals[cid] = self.be.const(c)
+        tans = {v.id: t for v, t in zip(self.g.inputs, tangents)}
+        k = int(tangents[0].shape[0]) if tangents and tangents[0] is not None else 0
+        self._k = k
+        self._policy = policy
+        self._max_leaves = max_leaves
+        self._max_sites = max_sites
+        self._leaves: list[Leaf] = []
+        self.sites_seen: dict[tuple, Any] = {}
+        st = _State(vals, tans, [], [], True, False, False, None, 0)
+        self._walk(0, st)
+        return self._leaves
+
+    # ------------------------------------------------------------------ internals
+
+    def _walk(self, i: int, st: "_State") -> None:
+        nodes = self.g.nodes
+        while i < len(nodes):
+            node = nodes[i]
+            in_vals = [st.vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
+            in_tans = [st.tans.get(v.id) if isinstance(v, Var) else None for v in node.inputs]
+            if node.rule is None or RULES[node.rule].impl == "mask":
+                outs = self.be.eval(node, in_vals)
+                otans = self.be.jvp(node, in_vals, in_tans)
+                self._store(st, node, outs, otans)
+                i += 1
+                continue
+            sites, ctx = self._sites(i, node, in_vals, in_tans)
+            if not sites:
+                outs, otans = self._apply(node, ctx, [], in_vals, in_tans)
+                self._store(st, node, outs, otans)
+                i += 1
+                continue
+            st.n_sites += sum(s.weight for s in sites)
+            if self._max_sites is not None and st.n_sites > self._max_sites:
+                raise BudgetExceeded(f"more than {self._max_sites} active kinks")
+            for s in sites:
+                self.sites_seen.setdefault((s.node, s.key), s)
+            np_tans = [None if t is None else self.be.asnumpy(t).reshape(self._k, -1) for t in in_tans]
+
+            def rowfn(cond, np_tans=np_tans):
+                row = np.zeros(self._k)
+                for pos, e, c in cond:
+                    t = np_tans[pos] if pos < len(np_tans) else None
+                    if t is not None:
+                        row = row + c * t[:, e]
+                return row
+
+            nonaffine = any(
+                isinstance(v, Var) and v.is_float and v.id in self.live and v.id not in self.affine for v in node.inputs
+            )
+            self._branch(i, node, ctx, sites, 0, [], st, rowfn, in_vals, in_tans, nonaffine)
+            return
+        self._leaf(st)
+
+    def _branch(self, i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans, nonaffine):
+        if len(self._leaves) >= self._max_leaves:
+            raise BudgetExceeded(f"more than {self._max_leaves} pieces")
+        if j == len(sites):
+            outs, otans = self._apply(node, ctx, chosen, in_vals, in_tans)
+            st2 = st.copy()
+            st2.choices = st.choices + chosen
+            self._store(st2, node, outs, otans)
+            self._walk(i + 1, st2)
+            return
+        site = sites[j]
+        opts = self._policy.options(site, rowfn, node)
+        rows_per_opt = [[rowfn(c) for c in o.conds] for o in opts]
+        all_zero = all(np.max(np.abs(r)) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
+        if self._policy.branching and all_zero and len(opts) > 1:
+            # The tie persists to first order: every branch gives the same tangents, so
+            # take one; values may still differ (jumps, indices) -> not certified.
+            opts, rows_per_opt = opts[:1], rows_per_opt[:1]
+        for opt, rows in zip(opts, rows_per_opt):
+            st2 = st.copy_conds()
+            zero = [r for r in rows if np.max(np.abs(r)) <= ZERO_ROW]
+            live_rows = [r for r in rows if np.max(np.abs(r)) > ZERO_ROW]
+            if zero or (all_zero and len(site.options) > 1):
+                st2.degenerate = True
+                if site.discrete:
+                    st2.certified = False
+            if nonaffine and live_rows:
+                st2.nonaffine = True
+            st2.conds = st2.conds + live_rows
+            if self._policy.branching and live_rows:
+                ok, w = strictly_feasible(st2.conds, st2.witness)
+                if not ok:
+                    continue
+                st2.witness = w
+            self._branch(i, node, ctx, sites, j + 1, chosen + [(site, opt)], st2, rowfn, in_vals, in_tans, nonaffine)
+
+    def _leaf(self, st: "_State") -> None:
+        outs, jac = [], []
+        for v in self.g.outputs:
+            outs.append(np.asarray(self.be.asnumpy(st.vals[v.id]), dtype=np.float64).reshape(-1))
+            t = st.tans.get(v.id)
+            if t is None:
+                jac.append(np.zeros((v.size, self._k)))
+            else:
+                jac.append(np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(self._k, -1).T)
+        self._leaves.append(
+            Leaf(np.concatenate(outs), np.concatenate(jac, axis=0), list(st.choices), list(st.conds),
+                 st.certified, st.degenerate, st.nonaffine, st.witness)
+        )
+
+    def _store(self, st, node, outs, otans):
+        for o, v, t in zip(node.outputs, outs, otans):
+            st.vals[o.id] = v
+            st.tans[o.id] = t
+
+    # ------------------------------------------------------------------ per-impl
+
+    def _sites(self, i, node: Node, in_vals, in_tans):
+        rule = RULES[node.rule]
+        impl = rule.impl
+        tol = self.tol
+        def np_in(j):
+            if j >= len(in_vals):  # a Python scalar operand (torch ge.Scalar's ``other``)
+                return np.asarray(float(node.params.get("other")), dtype=np.float64)
+            return np.asarray(self.be.asnumpy(in_vals[j]), dtype=np.float64)
+
+        if impl in ("unary", "jump", "nonlipschitz"):
+            return R.unary_sites(i, node, rule, np_in(0), tol), None
+        if impl in ("pick", "compare"):
+            return R.binary_sites(i, node, rule, np_in(0), np_in(1), node.outputs[0].shape, tol), None
+        if impl == "norm":
+            x = np_in(0)
+            slices, _ = R.norm_slices(x.shape, node.params.get("dim"))
+            node._norm_slices = slices
+            return R.norm_sites(i, node, x, tol), slices
+        if impl == "select":
+            return self._select_sites(i, node, rule, in_vals, np_in(0))
+        raise AssertionError(impl)
+
+    def _select_outcome(self, node, in_vals, x, order):
+        ranks = R.ranks_from_order(order).reshape(x.shape)
+        vals2 = list(in_vals)
+        vals2[0] = self.be.asarray(ranks)
+        for j, v in enumerate(node.inputs[1:], start=1):
+            if isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(x.shape):
+                vals2[j] = self.be.asarray(np.arange(x.size, dtype=np.float64).reshape(x.shape))
+        outs = self.be.eval(node, vals2)
+        return [np.asarray(self.be.asnumpy(o)) for o in outs]
+
+    def _select_sites(self, i, node, rule, in_vals, x):
+        v = x.reshape(-1)
+        order0 = R.base_order(v)
+        ctx = {"x": x, "order0": order0}
+        groups = R.tie_groups(v, self.tol)
+        if not groups:
+            return [], ctx
+        if node.params.get("num_keys", 1) != 1:
+            return [R.Site(i, ("g", tuple(int(q) for q in groups[0])), "unsupported", [R.Option("framework", [], None)],
+                           f"{node.prim} with several sort keys at a tie", complete=False)], ctx
+        base = self._select_outcome(node, in_vals, x, order0)
+        sites = []
+        for g in groups:
+            g = np.sort(g)
+            changed = False
+            for alt in (g[::-1], np.roll(g, 1)):
+                out = self._select_outcome(node, in_vals, x, R.reorder(order0, g, alt))
+                if any(not np.array_equal(a, b) for a, b in zip(out, base)):
+                    changed = True
+                    break
+            if not changed:
+                continue
+            opts, complete = R.permutation_options(g, np.random.default_rng(len(sites)))
+            int_used = any((not o.is_float) and self.users.get(o.id, 0) > 0 for o in node.outputs)
+            site = R.Site(i, ("g", tuple(int(q) for q in g)), "group", opts,
+                          f"{rule.name} tie among input elements {g.tolist()} = {R._fmt(v[g[0]])}",
+                          clarke="conv of the tied elements' tangents", discrete=int_used,
+                          complete=complete, weight=len(g) - 1, members=g)
+            sites.append(site)
+        return sites, ctx
+
+    def _apply(self, node, ctx, chosen, in_vals, in_tans):
+        rule = RULES[node.rule]
+        impl = rule.impl
+        k = self._k
+        if impl == "select":
+            return self._select_apply(node, ctx, chosen, in_vals, in_tans)
+        outs = self.be.eval(node, in_vals)
+        if not chosen:
+            return outs, self.be.jvp(node, in_vals, in_tans)
+        np_outs = [np.asarray(self.be.asnumpy(o)) for o in outs]
+        np_tans = [None if t is None else np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(k, -1) for t in in_tans]
+        base_tans = self.be.jvp(node, in_vals, in_tans)
+        np_btans = [None if t is None else np.asarray(self.be.asnumpy(t), dtype=np.float64) for t in base_tans]
+        chosen = [(s, o) for s, o in chosen if o.data is not None]
+        if impl in ("unary", "jump", "nonlipschitz"):
+            vals, tans = R.unary_apply(chosen, None, np_tans, np_outs, np_btans, k)
+        elif impl == "pick":
+            xs = [np.asarray(self.be.asnumpy(v), dtype=np.float64) if not isinstance(v, (int, float)) else np.float64(v) for v in in_vals[:2]]
+            vals, tans = R.pick_apply(chosen, xs, np_tans, np_outs, np_btans, k, node.outputs[0].shape)
+        elif impl == "compare":
+            vals, tans = R.compare_apply(chosen, np_outs)
+        elif impl == "norm":
+            vals, tans = R.norm_apply(chosen, None, np_tans, np_outs, np_btans, k, ctx)
+        else:
+            raise AssertionError(impl)
+        return self._back(node, vals, tans)
+
+    def _back(self, node, vals, tans):
+        k = self._k
+        out_v, out_t = [], []
+        for o, v, t in zip(node.outputs, vals, tans):
+            arr = np.asarray(v).reshape(o.shape)
+            if o.is_float:
+                arr = arr.astype(np.float64)
+            elif o.dtype == "bool":
+                arr = arr.astype(bool)
+            out_v.append(self.be.asarray(arr))
+            out_t.append(None if t is None or not o.is_float else self.be.asarray(np.asarray(t).reshape((k, *o.shape))))
+        return out_v, out_t
+
+    def _select_apply(self, node, ctx, chosen, in_vals, in_tans):
+        x = ctx["x"]
+        order = ctx["order0"]
+        for site, opt in chosen:
+            if opt.data is not None:
+                order = R.reorder(order, site.members, opt.data)
+        outs = self._select_outcome(node, in_vals, x, order)
+        k = self._k
+        srcs = []
+        for j, v in enumerate(node.inputs):
+            if j == 0 or (isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(x.shape)):
+                srcs.append(j)
+        vals, tans = [], []
+        for oi, (o, r) in enumerate(zip(node.outputs, outs)):
+            if not o.is_float:
+                vals.append(r)
+                tans.append(None)
+                continue
+            src = srcs[oi] if (len(srcs) > 1 and oi < len(srcs)) else 0
+            if src == 0:
+                pos = order[np.asarray(r).reshape(-1).astype(np.int64)]
+            else:
+                pos = np.asarray(r).reshape(-1).astype(np.int64)
+            xv = np.asarray(self.be.asnumpy(in_vals[src]), dtype=np.float64).reshape(-1)
+            vals.append(xv[pos])
+            t = in_tans[src]
+            if t is None:
+                tans.append(None)
+            else:
+                tans.append(np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(k, -1)[:, pos])
+        return self._back(node, vals, tans)
+
+
+@dataclasses.dataclass
+class _State:
+    vals: dict
+    tans: dict
+    conds: list
+    choices: list
+    certified: bool
+    degenerate: bool
+    nonaffine: bool
+    witness: Any
+    n_sites: int
+
+    def copy(self):
+        return _State(dict(self.vals), dict(self.tans), self.conds, self.choices, self.certified,
+                      self.degenerate, self.nonaffine, self.witness, self.n_sites)
+
+    def copy_conds(self):
+        return _State(self.vals, self.tans, list(self.conds), list(self.choices), self.certified,
+                      self.degenerate, self.nonaffine, self.witness, self.n_sites)

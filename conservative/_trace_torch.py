@@ -1,0 +1,351 @@
+"""torch adapter: trace ``f`` to aten ops with ``make_fx`` and evaluate/differentiate them.
+
+Imported only when the user's arrays are torch tensors.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ._ir import Graph, Lit, Node, Var
+from ._rules import RULES, rule_for_torch_op
+
+FRAMEWORK = "torch"
+
+# aten ops (base names; overload and a trailing "_copy" stripped) that are smooth where
+# they are finite, or linear, or only move data.  Anything else that takes a float
+# tensor is "unsupported" and makes the audit UNDECIDED: never guess it is smooth.
+_SMOOTH = {
+    "add", "sub", "rsub", "mul", "div", "neg", "exp", "exp2", "log", "log2", "log10",
+    "log1p", "expm1", "sin", "cos", "tan", "tanh", "sinh", "cosh", "asinh", "atan",
+    "asin", "acos", "atanh", "acosh", "sigmoid", "erf", "erfc", "erfinv", "reciprocal",
+    "square", "rsqrt", "pow", "mm", "mv", "bmm", "addmm", "addmv", "addbmm", "baddbmm",
+    "matmul", "dot", "vdot", "einsum", "t", "transpose", "permute", "view", "_unsafe_view",
+    "reshape", "expand", "squeeze", "unsqueeze", "cat", "stack", "slice", "select",
+    "index_select", "index", "gather", "scatter", "scatter_add", "index_add", "index_put",
+    "sum", "mean", "prod", "cumsum", "cumprod", "clone", "_to_copy", "copy", "alias",
+    "detach", "lift_fresh_copy", "lift_fresh", "zeros_like", "ones_like", "full_like",
+    "empty_like", "zeros", "ones", "full", "scalar_tensor", "arange", "empty",
+    "empty_strided", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided",
+    "fill", "_softmax", "softmax", "_log_softmax", "log_softmax", "logsumexp", "gelu",
+    "silu", "softplus", "mish", "log_sigmoid_forward", "convolution", "conv1d", "conv2d",
+    "native_layer_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
+    "constant_pad_nd", "pad", "flip", "roll", "repeat", "split", "split_with_sizes",
+    "chunk", "unbind", "narrow", "diagonal", "diag_embed", "tril", "triu", "where",
+    "masked_fill", "linear", "addcmul", "addcdiv", "lerp", "trace", "outer", "ger",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and",
+    "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite", "sym_size",
+    "sym_numel", "sym_stride", "as_strided", "unfold", "im2col", "col2im", "upsample_nearest2d",
+    "_unsafe_index", "xlogy", "special_xlog1py", "atan2", "sgn_", "one_hot", "linalg_solve",
+    "linalg_inv", "linalg_cholesky", "linalg_solve_ex", "linalg_inv_ex", "_linalg_solve_ex",
+    "linalg_cholesky_ex", "triangular_solve", "linalg_solve_triangular", "cholesky_solve",
+    "linalg_lu_factor_ex", "lu_unpack", "linalg_lu_solve", "var", "var_mean", "nan_to_num",
+    "_reshape_alias", "expand_as", "view_as", "reshape_as", "movedim", "swapaxes",
+}
+_LINEAR = {
+    "add", "sub", "rsub", "neg", "t", "transpose", "permute", "view", "_unsafe_view", "reshape",
+    "expand", "squeeze", "unsqueeze", "cat", "stack", "slice", "select", "index_select", "index",
+    "gather", "sum", "mean", "cumsum", "clone", "_to_copy", "copy", "alias", "detach",
+    "lift_fresh_copy", "lift_fresh", "constant_pad_nd", "pad", "flip", "roll", "repeat", "split",
+    "split_with_sizes", "chunk", "unbind", "narrow", "diagonal", "diag_embed", "tril", "triu",
+    "where", "masked_fill", "trace", "as_strided", "unfold", "_reshape_alias", "expand_as",
+    "view_as", "reshape_as", "movedim", "swapaxes", "zeros_like", "ones_like", "full_like",
+    "empty_like", "scatter_add", "index_add", "_unsafe_index", "im2col", "col2im",
+}
+_BILINEAR = {"mul", "mm", "mv", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "matmul", "dot",
+             "vdot", "einsum", "linear", "convolution", "conv1d", "conv2d", "outer", "ger"}
+# Some "smooth" ops are only smooth where their arguments stay away from a bad set;
+# those points show up as non-finite values, which the engine reports.
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _base_name(op) -> str:
+    name = op._schema.name.split("::")[-1]
+    if name.endswith("_copy"):
+        name = name[: -len("_copy")]
+    return name
+
+
+def _np_dtype(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _var_for(meta, next_id):
+    if isinstance(meta, torch.Tensor):
+        return Var(next_id(), tuple(int(s) for s in meta.shape), _np_dtype(meta.dtype))
+    if isinstance(meta, (int, float, bool)):
+        return Var(next_id(), (), "float64" if isinstance(meta, float) else "int64")
+    return None
+
+
+class TraceError(Exception):
+    """``f`` could not be traced (data-dependent control flow, non-tensor output, ...)."""
+
+
+def trace(f: Callable, xs: tuple) -> Graph:
+    """Trace ``f(*xs)`` to a :class:`Graph` of aten ops (functionalized, no in-place ops)."""
+    try:
+        gm = make_fx(torch.func.functionalize(_positional(f, len(xs)), remove="mutations_and_views"))(*xs)
+    except Exception as e:  # the message names the failing op or the control flow
+        raise TraceError(f"torch could not trace f with make_fx: {type(e).__name__}: {e}") from e
+
+    counter = iter(range(1 << 62))
+    next_id = lambda: next(counter)  # noqa: E731
+    env: dict[Any, Any] = {}  # fx node -> Var or tuple of Var
+    graph = Graph(FRAMEWORK, [], [], [], {})
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            v = _var_for(n.meta["val"], next_id)
+            env[n] = v
+            graph.inputs.append(v)
+        elif n.op == "get_attr":
+            t = getattr(gm, n.target)
+            v = Var(next_id(), tuple(t.shape), _np_dtype(t.dtype))
+            env[n] = v
+            graph.consts[v.id] = t
+        elif n.op == "call_function":
+            if n.target is operator.getitem:
+                env[n] = env[n.args[0]][n.args[1]]
+                continue
+            _add_call(graph, n, env, next_id)
+        elif n.op == "output":
+            outs = pytree.tree_leaves(n.args[0])
+            for o in outs:
+                v = env.get(o) if isinstance(o, torch.fx.Node) else None
+                if not isinstance(v, Var):
+                    raise TraceError(f"f must return a tensor (or tuple of tensors); got {o!r}")
+                graph.outputs.append(v)
+    return graph
+
+
+def _positional(f, n):
+    def g(*args):
+        out = f(*args) if n > 1 else f(args[0])
+        return out
+
+    return g
+
+
+def _add_call(graph: Graph, n, env, next_id) -> None:
+    op = n.target
+    flat, spec = pytree.tree_flatten((n.args, n.kwargs))
+    inputs = []
+    slots = []  # positions in flat that are fx nodes
+    for i, a in enumerate(flat):
+        if isinstance(a, torch.fx.Node):
+            inputs.append(env[a])
+            slots.append(i)
+    meta = n.meta.get("val")
+    metas = meta if isinstance(meta, (tuple, list)) else (meta,)
+    outs = tuple(_var_for(m, next_id) for m in metas)
+    if any(o is None for o in outs):
+        outs = tuple(o if o is not None else Var(next_id(), (), "object") for o in outs)
+    env[n] = outs if isinstance(meta, (tuple, list)) else outs[0]
+    name = str(op)
+    rule = rule_for_torch_op(name)
+    params = {}
+    if hasattr(op, "_schema"):
+        args, kwargs = n.args, n.kwargs
+        for j, arg in enumerate(op._schema.arguments):
+            val = args[j] if j < len(args) else kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None)
+            if not isinstance(val, torch.fx.Node) and not (isinstance(val, (list, tuple)) and any(isinstance(q, torch.fx.Node) for q in val)):
+                params[arg.name] = val
+    location = f"{n.name} = {name}({', '.join(str(a) for a in n.args)})"
+    node = Node(
+        prim=name,
+        inputs=tuple(inputs),
+        outputs=outs,
+        params=params,
+        payload=(op, flat, spec, slots),
+        rule=None,
+        location=location,
+    )
+    float_in = any(isinstance(v, Var) and v.is_float for v in inputs)
+    if rule is not None:
+        _attach_rule(node, rule, params)
+    elif not hasattr(op, "_schema"):
+        graph.unsupported.append(f"{name} (not an aten op)")
+    else:
+        base = _base_name(op)
+        if base in ("_to_copy", "convert_element_type") and float_in and not outs[0].is_float:
+            # float -> integer casts truncate: a jump at every nonzero integer
+            node.rule = "trunc" if outs[0].dtype != "bool" else None
+            if node.rule is None:
+                graph.unsupported.append(f"{name} (float -> bool cast)")
+        elif base == "div" and params.get("rounding_mode") is not None:
+            graph.unsupported.append(f"{name} with rounding_mode={params['rounding_mode']!r} (a jump)")
+        elif base not in _SMOOTH and float_in:
+            graph.unsupported.append(name)
+    graph.nodes.append(node)
+
+
+def _attach_rule(node: Node, rule, params) -> None:
+    node.rule = rule.name
+    if rule.name == "clamp":
+        # clamp_min/clamp_max name their bound min/max already; tensor bounds are rewritten
+        node.params = {"min": params.get("min"), "max": params.get("max")}
+    elif rule.name == "norm":
+        node.params = {"ord": params.get("ord", 2), "dim": params.get("dim"), "keepdim": params.get("keepdim", False)}
+    elif rule.name == "pow":
+        node.params = {"exponent": params.get("exponent")}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _to64(v):
+    if isinstance(v, torch.Tensor) and v.dtype in _FLOAT_DTYPES:
+        return v.detach().to(torch.float64)
+    if isinstance(v, torch.dtype) and v in _FLOAT_DTYPES:
+        return torch.float64
+    return v
+
+
+class Backend:
+    """Evaluates and differentiates single aten ops in float64."""
+
+    framework = FRAMEWORK
+
+    def __init__(self):
+        self._jvp_cache = {}
+
+    # values are torch tensors (float64 for floats); tangents are (k, *shape) tensors
+
+    def const(self, v):
+        return _to64(v)
+
+    def input(self, v):
+        return _to64(v)
+
+    def _call(self, node: Node, vals):
+        op, flat, spec, slots = node.payload
+        flat = [_to64(a) for a in flat]
+        for s, v in zip(slots, vals):
+            flat[s] = v
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+        return op(*args, **kwargs)
+
+    def eval(self, node: Node, vals) -> list:
+        out = self._call(node, vals)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def jvp(self, node: Node, vals, tans) -> list:
+        idx = [i for i, t in enumerate(tans) if t is not None]
+        if not idx:
+            return [None] * len(node.outputs)
+        prim = [vals[i] for i in idx]
+
+        def f(*d):
+            v = list(vals)
+            for i, x in zip(idx, d):
+                v[i] = x
+            out = self._call(node, v)
+            out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+            return tuple(o if (isinstance(o, torch.Tensor) and o.is_floating_point()) else torch.zeros(()) for o in out)
+
+        def one(*t):
+            return torch.func.jvp(f, tuple(prim), tuple(t))[1]
+
+        out = torch.func.vmap(one)(*[tans[i] for i in idx])
+        return [o if v.is_float else None for o, v in zip(out, node.outputs)]
+
+    def is_linear(self, node: Node, live: list) -> bool:
+        """Whether the op is affine in its live inputs (the others held fixed)."""
+        op = node.payload[0]
+        if not hasattr(op, "_schema"):
+            return False
+        base = _base_name(op)
+        n_live = sum(bool(x) for x in live)
+        if base in _LINEAR:
+            return True
+        if base in _BILINEAR:
+            return n_live <= 1
+        if base == "div":
+            return len(live) < 2 or not live[1]
+        return False
+
+    def asnumpy(self, v) -> np.ndarray:
+        if isinstance(v, torch.Tensor):
+            return v.detach().cpu().numpy()
+        return np.asarray(v)
+
+    def asarray(self, a: np.ndarray, like=None):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def zeros_tangent(self, k, shape):
+        return torch.zeros((k, *shape), dtype=torch.float64)
+
+    def identity_tangents(self, xs64) -> list:
+        sizes = [int(x.numel()) for x in xs64]
+        n = sum(sizes)
+        eye = torch.eye(n, dtype=torch.float64)
+        out, o = [], 0
+        for x, s in zip(xs64, sizes):
+            out.append(eye[:, o : o + s].reshape(n, *x.shape))
+            o += s
+        return out
+
+    def tangents_from(self, M: np.ndarray, xs64) -> list:
+        """Split a (n, k) direction matrix into per-input tangents of shape (k, *x.shape)."""
+        out, o = [], 0
+        Mt = torch.from_numpy(np.ascontiguousarray(M.T))
+        for x in xs64:
+            s = int(x.numel())
+            out.append(Mt[:, o : o + s].reshape(M.shape[1], *x.shape))
+            o += s
+        return out
+
+
+# --------------------------------------------------------------------------- user-level AD
+
+
+def as_inputs(x) -> tuple:
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    for i, t in enumerate(xs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"x[{i}] must be a torch.Tensor like the others, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x[{i}] must have a floating dtype, got {t.dtype}")
+        if t.device.type != "cpu":
+            pass  # analyses move to CPU float64 below
+    return xs
+
+
+def ad_jacobian(f: Callable, xs: tuple, n_out: int) -> np.ndarray:
+    """What torch's reverse mode returns, in the user's dtype, as float64 (out, in)."""
+    def flat_f(*args):
+        out = f(*args) if len(args) > 1 else f(args[0])
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return torch.cat([o.reshape(-1) for o in outs])
+
+    xs_d = tuple(x.detach() for x in xs)
+    jac = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))))(*xs_d)
+    cols = [j.reshape(n_out, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
+    return np.concatenate(cols, axis=1)
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__}
+
+
+def dtype_name(xs) -> str:
+    return _np_dtype(xs[0].dtype)
+
+
+def eps_of(xs) -> float:
+    return float(torch.finfo(xs[0].dtype).eps)
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().to(torch.float64).numpy()
+
+
+def to64(t):
+    return t.detach().cpu().to(torch.float64)
