@@ -240,7 +240,10 @@ def gradient_case(case: Case) -> dict:
 
 def audit_case(case: Case) -> dict:
     """``nonsmooth.conservative.audit`` of the case, as its ``to_json()``."""
-    from nonsmooth.conservative import audit
+    try:
+        from nonsmooth.conservative import audit
+    except ImportError:  # the engine's module, before the subpackage re-exports it
+        from nonsmooth.conservative._audit import audit
 
     f = resolve(case.function)
     with _x64_context(case):

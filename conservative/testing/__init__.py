@@ -13,9 +13,21 @@ from ._strategies import (
     tied_arrays as tied_arrays,
     zero_preactivations as zero_preactivations,
 )
+from ._assertions import (
+    DEFAULT_TOLERANCES as DEFAULT_TOLERANCES,
+    FDCheck as FDCheck,
+    assert_ad_is_clarke as assert_ad_is_clarke,
+    assert_matches_fd_off_kinks as assert_matches_fd_off_kinks,
+    assert_no_bifurcation as assert_no_bifurcation,
+)
 from ._record import add_sink as add_sink
 
 __all__ = [
+    "DEFAULT_TOLERANCES",
+    "FDCheck",
+    "assert_ad_is_clarke",
+    "assert_matches_fd_off_kinks",
+    "assert_no_bifurcation",
     "PLProgram",
     "adversarial_arrays",
     "adversarial_floats",
