@@ -1,10 +1,15 @@
 """Soft sort/rank for torch tensors: the ``nonsmooth::soft_sort_rank`` custom op.
 
 The forward runs the NumPy kernel (one argsort + PAV) on the host and returns, next
-to the values, the integer ``perm`` and ``block`` it found. The backward is written in
-torch index ops (gather / scatter_add) from those integers and the saved input, so it
-runs on the tensor's device and is itself differentiable (double backward; for KL the
-block softmax is recomputed from ``x`` so second derivatives are exact too).
+to the values, the integer ``perm`` and ``block`` it found. Two backward paths use
+those integers and the saved input:
+
+* a first-order backward on CPU (``create_graph=False``, the training case) is a second
+  op, ``nonsmooth::soft_sort_rank_backward``, run by NumPy in O(n) per row;
+* on other devices, or when the graph of the backward is needed (double backward,
+  ``torch.func``), the backward is written in torch index ops (gather / scatter_add), so
+  it runs on the device and is itself differentiable (for KL the block softmax is
+  recomputed from ``x``, so second derivatives are exact too).
 """
 from __future__ import annotations
 
@@ -13,26 +18,36 @@ import torch
 from . import _soft_sort_core as _core
 
 _OP = "nonsmooth::soft_sort_rank"
+_OP_BACKWARD = "nonsmooth::soft_sort_rank_backward"
+
+
+def _host_rows(t: torch.Tensor):
+    host = t.detach()
+    if host.device.type != "cpu":
+        host = host.cpu()
+    return host.contiguous().numpy().reshape(-1, t.shape[-1])
+
+
+def _to_device(array, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(array).reshape(like.shape)
+    return t.to(like.device) if like.device.type != "cpu" else t
+
+
+def _forward_host(x, strength, regularization, rank, descending):
+    """The NumPy forward; returns (out, perm, block) tensors on ``x``'s device."""
+    x2 = _host_rows(x)
+    op = "rank" if rank else "sort"
+    _core.check_scale(_core.check_finite_rows(x2), x.shape[-1], x2.dtype, op=op,
+                      strength=strength)
+    out, perm, block = _core.forward_rows(x2, op=op, regularization=regularization,
+                                          strength=strength, descending=descending)
+    return _to_device(out, x), _to_device(perm, x), _to_device(block, x)
 
 
 @torch.library.custom_op(_OP, mutates_args=())
 def _soft_sort_rank(x: torch.Tensor, strength: float, regularization: str, rank: bool,
                     descending: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = x.shape[-1]
-    host = x.detach()
-    if host.device.type != "cpu":
-        host = host.cpu()
-    x2 = host.contiguous().numpy().reshape(-1, n)
-    _core.check_scale(_core.check_finite_rows(x2), n, x2.dtype, op="rank" if rank else "sort",
-                      strength=strength)
-    out, perm, block = _core.forward_rows(
-        x2, op="rank" if rank else "sort", regularization=regularization,
-        strength=strength, descending=descending)
-    results = []
-    for a in (out, perm, block):
-        t = torch.from_numpy(a).reshape(x.shape)
-        results.append(t.to(x.device) if x.device.type != "cpu" else t)
-    return tuple(results)
+    return _forward_host(x, strength, regularization, rank, descending)
 
 
 @_soft_sort_rank.register_fake
@@ -40,6 +55,37 @@ def _(x, strength, regularization, rank, descending):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(x.shape, dtype=torch.int64),
             x.new_empty(x.shape, dtype=torch.int64))
+
+
+def _backward_host(x, perm, block, grad, strength, regularization, rank, descending):
+    g = _core.vjp_rows(_host_rows(x), _host_rows(perm), _host_rows(block), _host_rows(grad),
+                       op="rank" if rank else "sort", regularization=regularization,
+                       strength=strength, descending=descending)
+    return _to_device(g, x)
+
+
+@torch.library.custom_op(_OP_BACKWARD, mutates_args=())
+def _soft_sort_rank_backward(x: torch.Tensor, perm: torch.Tensor, block: torch.Tensor,
+                             grad: torch.Tensor, strength: float, regularization: str,
+                             rank: bool, descending: bool) -> torch.Tensor:
+    return _backward_host(x, perm, block, grad, strength, regularization, rank, descending)
+
+
+@_soft_sort_rank_backward.register_fake
+def _(x, perm, block, grad, strength, regularization, rank, descending):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_soft_sort_rank_backward.register_vmap
+def _(info, in_dims, x, perm, block, grad, strength, regularization, rank, descending):
+    args = []
+    for t, d in zip((x, perm, block, grad), in_dims[:4]):
+        t = t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+        args.append(t)
+    return _soft_sort_rank_backward(*args, strength, regularization, rank, descending), 0
+
+
+# --------------------------------------------------------------------------- torch-op backward
 
 
 def _segsum_bcast(values: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -58,7 +104,7 @@ def _block_weights(x, perm, block, *, rank, regularization, strength, descending
     return e / _segsum_bcast(e, block)
 
 
-def _vjp(x, perm, block, g, *, strength, regularization, rank, descending):
+def _vjp_torch(x, perm, block, g, *, strength, regularization, rank, descending):
     p = _block_weights(x, perm, block, rank=rank, regularization=regularization,
                        strength=strength, descending=descending, dtype=g.dtype)
     if rank:
@@ -69,7 +115,7 @@ def _vjp(x, perm, block, g, *, strength, regularization, rank, descending):
     return torch.zeros_like(r).scatter(-1, perm, r)
 
 
-def _jvp(x, perm, block, t, *, strength, regularization, rank, descending):
+def _jvp_torch(x, perm, block, t, *, strength, regularization, rank, descending):
     p = _block_weights(x, perm, block, rank=rank, regularization=regularization,
                        strength=strength, descending=descending, dtype=t.dtype)
     ts = t.gather(-1, perm)
@@ -79,13 +125,29 @@ def _jvp(x, perm, block, t, *, strength, regularization, rank, descending):
     return torch.zeros_like(r).scatter(-1, perm, r)
 
 
-def _setup_context(ctx, inputs, output):
+def _plain(t: torch.Tensor) -> bool:
+    """A real tensor, not a fake/functional/functorch one: NumPy may read it directly."""
+    return type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _vjp(x, perm, block, g, **options):
+    if torch.is_grad_enabled() or x.device.type != "cpu":
+        return _vjp_torch(x, perm, block, g, **options)
+    if _plain(x) and _plain(g):  # eager: skip the dispatcher's per-call overhead
+        return _backward_host(x, perm, block, g, **options)
+    return _soft_sort_rank_backward(x, perm, block, g, options["strength"],
+                                    options["regularization"], options["rank"],
+                                    options["descending"])
+
+
+def _save(ctx, inputs, output):
     x, strength, regularization, rank, descending = inputs
     _, perm, block = output
     ctx.save_for_backward(x, perm, block)
     ctx.options = dict(strength=strength, regularization=regularization, rank=rank,
                        descending=descending)
     ctx.mark_non_differentiable(perm, block)
+    return x, perm, block
 
 
 def _backward(ctx, grad_out, grad_perm, grad_block):
@@ -96,7 +158,7 @@ def _backward(ctx, grad_out, grad_perm, grad_block):
     return grad_x, None, None, None, None
 
 
-_soft_sort_rank.register_autograd(_backward, setup_context=_setup_context)
+_soft_sort_rank.register_autograd(_backward, setup_context=_save)
 
 
 @_soft_sort_rank.register_vmap
@@ -111,39 +173,33 @@ def _(info, in_dims, x, strength, regularization, rank, descending):
 
 
 class _SoftSortRank(torch.autograd.Function):
-    """The public entry: the op plus the same backward, as an ``autograd.Function``.
+    """The eager entry: the op's forward and backward as an ``autograd.Function``.
 
     ``register_autograd`` alone does not reach ``torch.func.grad``/``jacrev`` in torch
     2.13 (the generated Function lacks ``setup_context``, pytorch issues #168393 and
-    #179652); this wrapper gives functorch the staticmethods it needs, a forward-mode
-    rule, and an automatic vmap rule that defers to the op's own.
+    #179652); this class gives functorch the staticmethods it needs, a forward-mode
+    rule, and an automatic vmap rule that defers to the op's own. Plain tensors skip
+    the dispatcher and call the NumPy forward directly (per-call overhead).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, strength, regularization, rank, descending):
+        if _plain(x):
+            return _forward_host(x, strength, regularization, rank, descending)
         return _soft_sort_rank(x, strength, regularization, rank, descending)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, strength, regularization, rank, descending = inputs
-        _, perm, block = output
-        ctx.save_for_backward(x, perm, block)
-        ctx.save_for_forward(x, perm, block)
-        ctx.options = dict(strength=strength, regularization=regularization, rank=rank,
-                           descending=descending)
-        ctx.mark_non_differentiable(perm, block)
+        ctx.save_for_forward(*_save(ctx, inputs, output))
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_perm, grad_block):
-        x, perm, block = ctx.saved_tensors
-        return _vjp(x, perm, block, grad_out, **ctx.options), None, None, None, None
+    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, x_t, *_):
         x, perm, block = ctx.saved_tensors
-        return _jvp(x, perm, block, x_t, **ctx.options), None, None
+        return _jvp_torch(x, perm, block, x_t, **ctx.options), None, None
 
 
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
