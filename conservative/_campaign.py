@@ -369,7 +369,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         i, n = (int(part) for part in str(text).split("/"))
     except ValueError:
         raise ValueError(f"shard must look like 'i/N' (e.g. '0/4'), got {text!r}") from None
-    return _check_shard((i, n))
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard must be 'i/N' with 0 <= i < N, got {text!r}")
+    return i, n
 
 
 def _check_shard(shard) -> tuple[int, int]:
