@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without a c
 __all__ = ["isotonic_regression", "pav_backend", "pav_rows"]
 
 _KINDS = ("l2", "kl")
+# dtype objects, not scalar types: comparing dtype to dtype is the cheap path, and a
+# byte-swapped float64 ('>f8') is rejected instead of handed to the C kernel.
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def pav_backend() -> str:
@@ -61,8 +64,10 @@ def pav_backend() -> str:
 def _check_rows(name: str, a, *, dtype=None) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"`{name}` must be a NumPy array, got {type(a).__name__}")
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"`{name}` must have dtype float32 or float64, got {a.dtype}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(
+            f"`{name}` must have native dtype float32 or float64, got {a.dtype}"
+        )
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"`{name}` must have the dtype of `y` ({dtype}), got {a.dtype}")
     if a.ndim != 2:
@@ -260,7 +265,7 @@ def isotonic_regression(y, *, weights=None, increasing: bool = True) -> np.ndarr
         raise ValueError(f"`y` must have at least one axis, got a scalar {y!r}")
     if y.size == 0:
         raise ValueError(f"`y` must not be empty, got shape {y.shape}")
-    out_dtype = y.dtype
+    out_dtype = y.dtype.newbyteorder("=")
     work = np.float32 if y.dtype in (np.float16, np.float32) else np.float64
     y_w = np.ascontiguousarray(y, dtype=work).reshape(-1, y.shape[-1])
     _check_finite("y", y_w)

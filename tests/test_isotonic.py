@@ -99,6 +99,9 @@ def test_isotonic_regression_batched_weighted_matches_scipy(increasing, shape):
 
 def test_isotonic_regression_lists_ints_and_dtypes():
     assert isotonic_regression([3, 1, 2]).dtype == np.float64
+    # byte-swapped input is converted, not rejected, by the public function
+    np.testing.assert_array_equal(isotonic_regression(np.array([3.0, 1.0, 2.0], dtype=">f8")),
+                                  [2.0, 2.0, 2.0])
     np.testing.assert_array_equal(isotonic_regression([3, 1, 2]), [2.0, 2.0, 2.0])
     y32 = np.array([[0.5, 0.25, 1.0]], dtype=np.float32)
     out = isotonic_regression(y32)
@@ -271,6 +274,8 @@ def test_pav_rows_rejects_bad_input():
         pav_rows([[1.0, 2.0]])
     with pytest.raises(TypeError, match="float32 or float64.*int64"):
         pav_rows(np.ones((2, 3), dtype=np.int64))
+    with pytest.raises(TypeError, match="native dtype float32 or float64.*>f8"):
+        pav_rows(np.ones((2, 3), dtype=">f8"))
     with pytest.raises(ValueError, match="2-D.*\\(3,\\)"):
         pav_rows(np.ones(3))
     with pytest.raises(ValueError, match="empty"):
