@@ -251,7 +251,8 @@ def isotonic_regression(y, *, weights=None, increasing: bool = True) -> np.ndarr
     leading batch index. ``y`` is any array-like (NumPy array, nested lists); ints are
     converted to float64. Returns a NumPy array of ``y``'s shape: float32 for float32
     input, float16 for float16 input (computed in float32), float64 otherwise.
-    ``weights`` must be positive and finite, broadcastable to ``y``'s shape.
+    ``weights`` must be positive and finite, broadcastable to ``y``'s shape; weighted
+    fits are computed in float64 whatever ``y``'s dtype.
 
     Example:
         >>> from nonsmooth.solvers import isotonic_regression
@@ -266,7 +267,10 @@ def isotonic_regression(y, *, weights=None, increasing: bool = True) -> np.ndarr
     if y.size == 0:
         raise ValueError(f"`y` must not be empty, got shape {y.shape}")
     out_dtype = y.dtype.newbyteorder("=")
-    work = np.float32 if y.dtype in (np.float16, np.float32) else np.float64
+    # float16/32 run in float32, unless weights are given: weights of float32 data may
+    # still span more than float32's range (1e-50 vs 1), so weighted fits run in float64.
+    low = y.dtype in (np.float16, np.float32) and weights is None
+    work = np.float32 if low else np.float64
     y_w = np.ascontiguousarray(y, dtype=work).reshape(-1, y.shape[-1])
     _check_finite("y", y_w)
     w_w = None

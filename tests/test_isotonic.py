@@ -118,6 +118,13 @@ def test_weights_broadcast_and_overflowing_totals():
     out = isotonic_regression(y, weights=w)
     ref = _scipy_rows(y, np.broadcast_to(w, y.shape), increasing=True)
     np.testing.assert_allclose(out, ref, rtol=1e-14)
+    # float32 data with weights beyond float32's range: computed in float64, cast back.
+    y32 = np.array([1.0, 3.0, 2.0], dtype=np.float32)
+    w_wide = np.array([1e-50, 1.0, 1e-60])
+    out = isotonic_regression(y32, weights=w_wide)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, so.isotonic_regression(y32.astype(float), weights=w_wide).x,
+                               rtol=1e-7)
     # Totals overflow float64 but the ratios are fine: the answer is scale-invariant.
     big = np.array([1e308, 1e308, 1e308])
     np.testing.assert_allclose(isotonic_regression(y, weights=big),
