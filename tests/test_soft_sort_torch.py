@@ -180,3 +180,31 @@ def test_cuda_round_trip_matches_cpu():
         (f(xh) ** 2).sum().backward()
         torch.testing.assert_close(out.cpu(), f(x))
         torch.testing.assert_close(xc.grad.cpu(), xh.grad)
+
+
+@pytest.mark.parametrize("op,reg,direction", CASES)
+def test_numpy_backward_and_differentiable_torch_backward_agree(op, reg, direction):
+    # create_graph=False runs the NumPy backward op, create_graph=True the torch-op one.
+    f = _f(op, reg, direction, eps=0.4)
+    g = _x(3, 9, seed=15)
+    for eps_scale in (1.0, 1e-3):  # pooled blocks, then only singletons
+        x = _x(3, 9, seed=16) / eps_scale
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(f(xa), xa, g)
+        (gb,) = torch.autograd.grad(f(xb), xb, g, create_graph=True)
+        torch.testing.assert_close(ga, gb.detach(), rtol=1e-12, atol=1e-12)
+        ops = torch.ops.nonsmooth.soft_sort_rank_backward.default
+        out, perm, block = torch.ops.nonsmooth.soft_sort_rank(x, 0.4, reg, op == "rank",
+                                                              direction == "descending")
+        torch.library.opcheck(ops, (x, perm, block, g, 0.4, reg, op == "rank",
+                                    direction == "descending"))
+
+
+def test_hard_regime_gradients_are_the_permutation_and_zero():
+    x = torch.tensor([[3.0, -1.0, 7.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[1.0, 10.0, 100.0, 1000.0]], dtype=torch.float64)
+    (g,) = torch.autograd.grad((soft_sort(x, regularization_strength=1e-3) * w).sum(), x)
+    # ascending order of x is (-1, 0.5, 3, 7): x[1] gets w[0], x[3] w[1], x[0] w[2], x[2] w[3]
+    torch.testing.assert_close(g, torch.tensor([[100.0, 1.0, 1000.0, 10.0]], dtype=torch.float64))
+    (g,) = torch.autograd.grad((soft_rank(x, regularization_strength=1e-3) * w).sum(), x)
+    torch.testing.assert_close(g, torch.zeros_like(g))
