@@ -166,3 +166,14 @@ def test_audit_cases_give_the_engine_verdicts():
 def test_audit_cases_serial_vs_processes():
     cases = _audit_cases()
     assert run_campaign(cases, max_workers=2) == run_campaign(cases, executor="serial")
+
+
+@pytest.mark.slow
+def test_dask_scheduler_address_and_client(serial):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        by_address = run_campaign(gradient_campaign(), executor=cluster.scheduler_address)
+        assert by_address == serial and cluster.scheduler_address in by_address.executor
+        with distributed.Client(cluster) as client:
+            assert run_campaign(gradient_campaign(), executor=client) == serial
