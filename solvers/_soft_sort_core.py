@@ -244,7 +244,10 @@ def _block_layout(block: np.ndarray):
     """Flat start index and length of every block, in row-major order."""
     rows, n = block.shape
     starts = np.flatnonzero(block == np.arange(n, dtype=block.dtype))
-    return starts, np.diff(starts, append=rows * n)
+    counts = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+    counts[-1] = rows * n - starts[-1]
+    return starts, counts
 
 
 def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
