@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import platform
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -207,6 +208,30 @@ def _adapter(framework: str):
     return importlib.import_module(f"nonsmooth.conservative.{mod}")
 
 
+_TRACE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cache_get(f, key):
+    try:
+        return _TRACE_CACHE.get(f, {}).get(key)
+    except TypeError:  # f cannot be weakly referenced
+        return None
+
+
+def _cache_put(f, key, graph):
+    try:
+        _TRACE_CACHE.setdefault(f, {})[key] = graph
+    except TypeError:
+        pass
+
+
+def _cache_drop(f):
+    try:
+        _TRACE_CACHE.pop(f, None)
+    except TypeError:
+        pass
+
+
 class _Problem:
     """``f`` traced at ``x``, with its float64 interpreter."""
 
@@ -229,11 +254,19 @@ class _Problem:
         self.eps = self.A.eps_of(self.xs)
         self.trace_error = None
         self.graph = graph
+        self.cached = False
+        key = (self.framework, tuple((tuple(t.shape), str(t.dtype)) for t in self.xs))
+        if graph is None:
+            graph = _cache_get(f, key)
+            self.cached = graph is not None
         if graph is None:
             try:
-                self.graph = self.A.trace(f, self.xs)
+                graph = self.A.trace(f, self.xs)
+                _cache_put(f, key, graph)
             except self.A.TraceError as e:
                 self.trace_error = str(e)
+        self.graph = graph
+        self._key = key
         if self.graph is not None:
             self.be = self.A.Backend()
             self.xs64 = [self.A.to64(t) for t in self.xs]
@@ -256,9 +289,8 @@ class _Problem:
             s = int(np.prod(t.shape)) if len(t.shape) else 1
             xs.append(self.be.asarray(xflat[o : o + s].reshape(tuple(t.shape))))
             o += s
-        interp = F.Interpreter(self.graph, self.be, xs, kink_tol=0.0)
-        leaf = interp.run(F.LexPolicy(), [None] * len(xs))[0]
-        return leaf.out
+        outs = self.interp.graph_function()(*xs)
+        return np.concatenate([np.asarray(self.be.asnumpy(v), dtype=np.float64).reshape(-1) for v in outs])
 
     def x_flat(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(-1) for t in self.xs64])
@@ -314,11 +346,23 @@ def _distinct(mats: list, tol: float = 1e-10) -> list:
 def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, need_enum: Callable | None = None) -> _Analysis:
     rng = np.random.default_rng(seed)
     n = P.n_in
+    notes: list[str] = []
+    leafv = P.interp.run(F.LexPolicy(), [None] * len(P.xs64))[0]
+    if not P.interp.sites_seen:
+        # No kink active: every primitive is differentiable here, so the framework's own
+        # float64 derivative of the traced program is the Jacobian.  Reverse mode when
+        # outputs are fewer; if it hits 0 * inf (where-guarded singularities) use the
+        # per-primitive forward pass, which does not.
+        J = None
+        try:
+            J = P.be.jacobian(P.interp.graph_function(), P.xs64, reverse=P.n_out < P.n_in)
+        except Exception:
+            J = None
+        if J is None or not np.all(np.isfinite(J)):
+            J = P.run(F.LexPolicy())[0].jac
+        return _Analysis(J, leafv.out, {}, [J], ["identity"], [J], True, "", "", [], notes)
     leaf0 = P.run(F.LexPolicy())[0]
     sites = dict(P.interp.sites_seen)
-    notes: list[str] = []
-    if not sites:
-        return _Analysis(leaf0.jac, leaf0.out, {}, [leaf0.jac], ["identity"], [leaf0.jac], True, "", "", [], notes)
 
     kinds = {s.kind for s in sites.values()}
     weight = sum(s.weight for s in sites.values())
@@ -465,7 +509,7 @@ def _fd_check(P: _Problem, J: np.ndarray, rng) -> float:
     """Max relative gap between J v and float64 central differences along random v."""
     x = P.x_flat()
     worst = 0.0
-    for _ in range(2):
+    for _ in range(1):
         v = rng.standard_normal(x.size)
         v /= np.linalg.norm(v)
         h = 1e-6 * (1.0 + float(np.max(np.abs(x))))
@@ -503,7 +547,8 @@ def _versions(P) -> dict:
 
 def _ad(P: _Problem, n_out: int | None):
     try:
-        return P.A.ad_jacobian(P.f, P.xs, n_out), ""
+        jac, y = P.A.ad_jacobian(P.f, P.xs, n_out)
+        return (jac, y), ""
     except Exception as e:  # what the framework itself says about f
         return None, f"{type(e).__name__}: {e}"
 
@@ -537,11 +582,11 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
     P = _Problem(f, x, kink_tol=float(kink_tol), graph=_graph)
     rng = np.random.default_rng(seed)
     if P.graph is None:
-        ad, err = _ad(P, None) if False else (None, "")
         return _undecided(P, f"f could not be traced, so its primitives are unknown: {P.trace_error}")
-    ad, ad_err = _ad(P, P.n_out)
-    if ad is None:
+    got, ad_err = _ad(P, P.n_out)
+    if got is None:
         return _undecided(P, f"the framework's reverse mode failed on f: {ad_err}")
+    ad, y_user = got
     ad_tol = max(1e3 * P.eps, 1e-9)
 
     def ad_in(b_elems):
@@ -551,13 +596,28 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
         res, _ = hull_residual(B.reshape(len(B), -1), ad.reshape(-1))
         return res <= ad_tol * (1.0 + float(np.max(np.abs(B))))
 
-    try:
-        A = _analyse(P, exact_budget=exact_budget, n_directions=n_directions, seed=seed,
-                     need_enum=lambda b: not ad_in(b))
-    except Exception as e:  # a primitive the adapter cannot evaluate in float64, ...
-        if P.graph.unsupported:
-            return _undecided(P, f"unsupported primitive(s): {', '.join(sorted(set(P.graph.unsupported)))}", ad)
-        raise
+    def analyse(P):
+        try:
+            return _analyse(P, exact_budget=exact_budget, n_directions=n_directions, seed=seed,
+                            need_enum=lambda b: not ad_in(b))
+        except Exception:  # a primitive the adapter cannot evaluate in float64, ...
+            if P.graph.unsupported:
+                return None
+            raise
+
+    A = analyse(P)
+    if A is None:
+        return _undecided(P, f"unsupported primitive(s): {', '.join(sorted(set(P.graph.unsupported)))}", ad)
+    if not _reproduces(A.out0, y_user, ad_tol):
+        if P.cached:  # the closure changed since the cached trace: trace again
+            _cache_drop(f)
+            P = _Problem(f, x, kink_tol=float(kink_tol))
+            if P.graph is None:
+                return _undecided(P, f"f could not be traced, so its primitives are unknown: {P.trace_error}")
+            A = analyse(P)
+        if A is None or not _reproduces(A.out0, y_user, ad_tol):
+            return _undecided(P, "the traced program does not reproduce f(x) (randomness, hidden state or a "
+                                 "side effect in f?), so an analysis of the trace would not be about f.", ad)
     kinks = _active_kinks(P, A.sites)
     sel = np.stack(_distinct(A.sel)) if A.sel else np.zeros((0, P.n_out, P.n_in))
     B = [b for b in _distinct(A.b_elems) if np.all(np.isfinite(b))]
@@ -649,6 +709,16 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
     return Audit(Verdict.UNDECIDED, exact=False, hull_distance=res,
                  reason=(f"AD is not in the hull of the {len(B)} B-subdifferential element(s) found (distance {res:.3g}), "
                          f"but the enumeration was not exact: {A.exact_reason}.").strip(), **common)
+
+
+def _reproduces(out: np.ndarray, y_user: np.ndarray, tol: float) -> bool:
+    if out.shape != y_user.shape:
+        return False
+    both = np.isfinite(out) & np.isfinite(y_user)
+    if not np.array_equal(np.isfinite(out), np.isfinite(y_user)):
+        return False
+    scale = 1.0 + np.abs(out[both])
+    return bool(np.all(np.abs(out[both] - y_user[both]) <= 10 * tol * scale))
 
 
 def _near_kink_note(P: _Problem) -> str:

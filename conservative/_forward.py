@@ -29,6 +29,10 @@ from ._rules import RULES
 ZERO_ROW = 1e-13
 
 
+def _rmax(r) -> float:
+    return float(np.max(np.abs(r))) if r.size else 0.0
+
+
 class BudgetExceeded(Exception):
     pass
 
@@ -149,6 +153,27 @@ class Interpreter:
         self._walk(0, st)
         return self._leaves
 
+    def graph_function(self):
+        """The traced program as a plain function of the float64 inputs (framework ops only),
+        for the framework's own transforms at points where no kink is active."""
+        if getattr(self, "_graph_fn", None) is not None:
+            return self._graph_fn
+        g, be = self.g, self.be
+        consts = {cid: be.const(c) for cid, c in g.consts.items()}
+
+        def fn(*xs):
+            vals = dict(consts)
+            for v, x in zip(g.inputs, xs):
+                vals[v.id] = x
+            for node in g.nodes:
+                ins = [vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
+                for o, val in zip(node.outputs, be.eval(node, ins)):
+                    vals[o.id] = val
+            return tuple(vals[v.id] for v in g.outputs)
+
+        self._graph_fn = fn
+        return fn
+
     # ------------------------------------------------------------------ internals
 
     def _walk(self, i: int, st: "_State") -> None:
@@ -157,7 +182,11 @@ class Interpreter:
             node = nodes[i]
             in_vals = [st.vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
             in_tans = [st.tans.get(v.id) if isinstance(v, Var) else None for v in node.inputs]
-            if node.rule is None or RULES[node.rule].impl == "mask":
+            const = not any(isinstance(v, Var) and v.id in self.live for v in node.inputs)
+            same = len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] and RULES.get(node.rule or "", None) is not None \
+                and RULES[node.rule].impl in ("pick", "compare")
+            if node.rule is None or RULES[node.rule].impl == "mask" or const or same:
+                # smooth, or constant in x, or max(a, a)/a == a: no kink of f here
                 outs = self.be.eval(node, in_vals)
                 otans = self.be.jvp(node, in_vals, in_tans)
                 self._store(st, node, outs, otans)
@@ -204,15 +233,15 @@ class Interpreter:
         site = sites[j]
         opts = self._policy.options(site, rowfn, node)
         rows_per_opt = [[rowfn(c) for c in o.conds] for o in opts]
-        all_zero = all(np.max(np.abs(r)) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
+        all_zero = all(_rmax(r) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
         if self._policy.branching and all_zero and len(opts) > 1:
             # The tie persists to first order: every branch gives the same tangents, so
             # take one; values may still differ (jumps, indices) -> not certified.
             opts, rows_per_opt = opts[:1], rows_per_opt[:1]
         for opt, rows in zip(opts, rows_per_opt):
             st2 = st.copy_conds()
-            zero = [r for r in rows if np.max(np.abs(r)) <= ZERO_ROW]
-            live_rows = [r for r in rows if np.max(np.abs(r)) > ZERO_ROW]
+            zero = [r for r in rows if _rmax(r) <= ZERO_ROW]
+            live_rows = [r for r in rows if _rmax(r) > ZERO_ROW]
             if zero or (all_zero and len(site.options) > 1):
                 st2.degenerate = True
                 if site.discrete:
@@ -232,7 +261,7 @@ class Interpreter:
         for v in self.g.outputs:
             outs.append(np.asarray(self.be.asnumpy(st.vals[v.id]), dtype=np.float64).reshape(-1))
             t = st.tans.get(v.id)
-            if t is None:
+            if t is None or self._k == 0:
                 jac.append(np.zeros((v.size, self._k)))
             else:
                 jac.append(np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(self._k, -1).T)
@@ -260,7 +289,9 @@ class Interpreter:
         if impl in ("unary", "jump", "nonlipschitz"):
             return R.unary_sites(i, node, rule, np_in(0), tol), None
         if impl in ("pick", "compare"):
-            return R.binary_sites(i, node, rule, np_in(0), np_in(1), node.outputs[0].shape, tol), None
+            fl = any((isinstance(v, Var) and v.is_float) or (isinstance(v, Lit) and np.issubdtype(np.asarray(v.value).dtype, np.floating))
+                     for v in node.inputs) or (len(node.inputs) < 2 and isinstance(node.params.get("other"), float))
+            return R.binary_sites(i, node, rule, np_in(0), np_in(1), node.outputs[0].shape, tol, fl), None
         if impl == "norm":
             x = np_in(0)
             slices, _ = R.norm_slices(x.shape, node.params.get("dim"))
@@ -277,8 +308,14 @@ class Interpreter:
         for j, v in enumerate(node.inputs[1:], start=1):
             if isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(x.shape):
                 vals2[j] = self.be.asarray(np.arange(x.size, dtype=np.float64).reshape(x.shape))
-        outs = self.be.eval(node, vals2)
-        return [np.asarray(self.be.asnumpy(o)) for o in outs]
+        outs = [np.asarray(self.be.asnumpy(o)) for o in self.be.eval(node, vals2)]
+        # float outputs copied from operand 0 hold ranks: turn them into positions
+        n_srcs = 1 + sum(1 for v in node.inputs[1:] if isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(x.shape))
+        res = []
+        for oi, (o, r) in enumerate(zip(node.outputs, outs)):
+            from_key = o.is_float and (n_srcs == 1 or oi == 0)
+            res.append(order[r.astype(np.int64)] if from_key else r)
+        return res
 
     def _select_sites(self, i, node, rule, in_vals, x):
         v = x.reshape(-1)
@@ -345,8 +382,8 @@ class Interpreter:
             arr = np.asarray(v).reshape(o.shape)
             if o.is_float:
                 arr = arr.astype(np.float64)
-            elif o.dtype == "bool":
-                arr = arr.astype(bool)
+            else:
+                arr = arr.astype(np.dtype(o.dtype))
             out_v.append(self.be.asarray(arr))
             out_t.append(None if t is None or not o.is_float else self.be.asarray(np.asarray(t).reshape((k, *o.shape))))
         return out_v, out_t
@@ -370,10 +407,7 @@ class Interpreter:
                 tans.append(None)
                 continue
             src = srcs[oi] if (len(srcs) > 1 and oi < len(srcs)) else 0
-            if src == 0:
-                pos = order[np.asarray(r).reshape(-1).astype(np.int64)]
-            else:
-                pos = np.asarray(r).reshape(-1).astype(np.int64)
+            pos = np.asarray(r).reshape(-1).astype(np.int64)
             xv = np.asarray(self.be.asnumpy(in_vals[src]), dtype=np.float64).reshape(-1)
             vals.append(xv[pos])
             t = in_tans[src]

@@ -55,6 +55,17 @@ def _fmt(v: float) -> str:
 # --------------------------------------------------------------------------- unary / jump
 
 
+_EVAL_CACHE: dict = {}
+
+
+def _eval_cached(expr, params):
+    key = (expr, tuple(sorted((k, v) for k, v in params.items() if isinstance(v, (int, float)) or v is None)))
+    v = _EVAL_CACHE.get(key)
+    if v is None:
+        v = _EVAL_CACHE[key] = evaluate(expr, params)
+    return v
+
+
 def _lattice_offset(kink) -> float:
     return evaluate(kink.at, {"n": 0.0})
 
@@ -88,7 +99,7 @@ def unary_sites(node_i, node, rule: Rule, x: np.ndarray, tol: float) -> list[Sit
             where = np.nonzero(hit)[0]
             nvals = n[where]
         else:
-            at = evaluate(kink.at, params)
+            at = _eval_cached(kink.at, params)
             where = np.nonzero(np.abs(xf - at) <= tol)[0]
             nvals = np.zeros(len(where))
         for e, nv in zip(where, nvals):
@@ -154,7 +165,9 @@ def _broadcast_index(shape_in, shape_out):
     return np.broadcast_to(np.arange(n).reshape(shape_in), shape_out).reshape(-1)
 
 
-def binary_sites(node_i, node, rule: Rule, a, b, out_shape, tol) -> list[Site]:
+def binary_sites(node_i, node, rule: Rule, a, b, out_shape, tol, float_operands=True) -> list[Site]:
+    if not float_operands:
+        return []  # integers and booleans have no tangents: a tie there is no kink
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     ia = _broadcast_index(a.shape, out_shape)

@@ -214,7 +214,7 @@ class Backend:
     framework = FRAMEWORK
 
     def __init__(self):
-        self._jvp_cache = {}
+        self._flat64 = {}  # id(node) -> its constant arguments converted once
 
     # values are torch tensors (float64 for floats); tangents are (k, *shape) tensors
 
@@ -226,7 +226,11 @@ class Backend:
 
     def _call(self, node: Node, vals):
         op, flat, spec, slots = node.payload
-        flat = [_to64(a) for a in flat]
+        key = id(node)
+        base = self._flat64.get(key)
+        if base is None:
+            base = self._flat64[key] = [_to64(a) for a in flat]
+        flat = list(base)
         for s, v in zip(slots, vals):
             flat[s] = v
         args, kwargs = pytree.tree_unflatten(flat, spec)
@@ -270,6 +274,16 @@ class Backend:
         if base == "div":
             return len(live) < 2 or not live[1]
         return False
+
+    def jacobian(self, fn, xs64, *, reverse: bool) -> np.ndarray:
+        """Full float64 Jacobian (out, in) of ``fn`` (tuple of outputs) by torch.func."""
+        def flat(*xs):
+            return torch.cat([o.reshape(-1) for o in fn(*xs)])
+
+        argnums = tuple(range(len(xs64)))
+        jac = (torch.func.jacrev if reverse else torch.func.jacfwd)(flat, argnums=argnums)(*xs64)
+        n_out = jac[0].shape[0]
+        return np.concatenate([j.reshape(n_out, -1).numpy() for j in jac], axis=1)
 
     def asnumpy(self, v) -> np.ndarray:
         if isinstance(v, torch.Tensor):
@@ -318,17 +332,20 @@ def as_inputs(x) -> tuple:
     return xs
 
 
-def ad_jacobian(f: Callable, xs: tuple, n_out: int) -> np.ndarray:
-    """What torch's reverse mode returns, in the user's dtype, as float64 (out, in)."""
+def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
+    """What torch's reverse mode returns, in the user's dtype, as float64 (out, in), and
+    f's value (float64, flat) from the same call."""
     def flat_f(*args):
         out = f(*args) if len(args) > 1 else f(args[0])
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        return torch.cat([o.reshape(-1) for o in outs])
+        outs = pytree.tree_leaves(out)
+        y = torch.cat([o.reshape(-1) for o in outs])
+        return y, y.detach()
 
     xs_d = tuple(x.detach() for x in xs)
-    jac = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))))(*xs_d)
-    cols = [j.reshape(n_out, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
-    return np.concatenate(cols, axis=1)
+    jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
+    n = y.numel()
+    cols = [j.reshape(n, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
+    return np.concatenate(cols, axis=1), y.to(torch.float64).cpu().numpy()
 
 
 def versions() -> dict:
