@@ -232,10 +232,16 @@ class _Net:
     def loss(self, logits, y):
         return self._round(self.torch.nn.functional.cross_entropy(logits, y))
 
-    def batch_bifurcates(self, params, X, y) -> tuple[bool, int]:
-        """(backprop differs between ReLU'(0)=0 and 1 on this batch, # exact-zero pre-activations)."""
+    def batch_bifurcates(self, params, X, y, per_layer: list | None = None) -> tuple[bool, int]:
+        """(backprop differs between ReLU'(0)=0 and 1 on this batch, # exact-zero pre-activations).
+
+        ``per_layer``, if given, accumulates the exact zeros of each hidden layer.
+        """
         torch = self.torch
         logits, zeros = self.forward(params, X)
+        if per_layer is not None:
+            for k, z in enumerate(zeros):
+                per_layer[k] += z
         n_zero = sum(zeros)
         if n_zero == 0:
             # No pre-activation at a kink: both backward passes apply identical masks,
@@ -307,6 +313,7 @@ class DtypeRate:
     mean_zero_preactivations: float  # per pass over the data
     bifurcating_batch_fraction: float  # of all (init, batch) pairs
     zero_without_bifurcation: int  # batches with exact zeros whose gradients still agreed
+    zeros_per_layer: tuple = ()  # exact-zero pre-activations per hidden layer, summed over all passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +365,8 @@ class BifurcationStudy:
                 f"  {r.dtype}{note}: {r.n_bifurcating}/{r.n_inits} = {r.rate:.3f} "
                 f"[{r.ci_low:.3f}, {r.ci_high:.3f}] bifurcate; {r.n_with_zero}/{r.n_inits} hit an exact "
                 f"zero; {r.mean_zero_preactivations:.2f} exact zeros per pass on average; "
-                f"{r.zero_without_bifurcation} batch(es) had zeros but equal gradients."
+                f"{r.zero_without_bifurcation} batch(es) had zeros but equal gradients; exact zeros by "
+                f"hidden layer {list(r.zeros_per_layer)}."
             )
         lines.append("Low precision turns measure-zero kinks into events that happen: the choice of "
                      "ReLU'(0) is not innocuous in float16 and float32 (Bertoin et al., NeurIPS 2021).")
@@ -468,6 +476,7 @@ def bifurcation_study(*, depth: int = 3, width: int = 256, batch_size: int = 128
         net = _Net(torch, name, precision, device)
         Xt, yt = net.tensor(X), torch.as_tensor(y, device=device)
         n_bif = n_zero_inits = zero_total = bif_batches = zero_no_bif = 0
+        per_layer = [0] * depth
         for init in range(n_inits):
             rng = np.random.default_rng([seed, init])
             params = [net.tensor(p, grad=True) for p in _init_params(sizes, rng)]
@@ -475,7 +484,7 @@ def bifurcation_study(*, depth: int = 3, width: int = 256, batch_size: int = 128
             bifurcated = any_zero = False
             for start_i in range(0, n, batch_size):
                 idx = order[start_i:start_i + batch_size]
-                differs, zeros = net.batch_bifurcates(params, Xt[idx], yt[idx])
+                differs, zeros = net.batch_bifurcates(params, Xt[idx], yt[idx], per_layer)
                 bifurcated |= differs
                 any_zero |= zeros > 0
                 zero_total += zeros
@@ -491,7 +500,7 @@ def bifurcation_study(*, depth: int = 3, width: int = 256, batch_size: int = 128
             rate=n_bif / n_inits, ci_low=lo, ci_high=hi, n_with_zero=n_zero_inits,
             zero_rate=n_zero_inits / n_inits, mean_zero_preactivations=zero_total / n_inits,
             bifurcating_batch_fraction=bif_batches / (n_inits * n_batches),
-            zero_without_bifurcation=zero_no_bif,
+            zero_without_bifurcation=zero_no_bif, zeros_per_layer=tuple(per_layer),
         ))
     return BifurcationStudy(
         depth=depth, width=width, batch_size=batch_size, n_inits=n_inits, dataset=dataset,
