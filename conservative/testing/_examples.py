@@ -56,8 +56,9 @@ def tiny_relu_net(x):
     b = np.array([0.0, 1.0, -1.0, 0.5])
     if ns is np:
         Wt, bt = W.astype(x.dtype), b.astype(x.dtype)
+    elif ns.__name__ == "torch":
+        Wt, bt = ns.as_tensor(W, dtype=x.dtype), ns.as_tensor(b, dtype=x.dtype)
     else:
-        Wt = ns.asarray(W, dtype=x.dtype) if ns.__name__ != "torch" else ns.as_tensor(W, dtype=x.dtype)
-        bt = ns.asarray(b, dtype=x.dtype) if ns.__name__ != "torch" else ns.as_tensor(b, dtype=x.dtype)
+        Wt, bt = ns.asarray(W, dtype=x.dtype), ns.asarray(b, dtype=x.dtype)
     h = relu(Wt @ x + bt)
     return h.sum() - 2 * h[0]
