@@ -53,7 +53,7 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     params = (tuple(consts), args)
 
     def call(z, prm):
-        return f_conv(z, *prm[0], *prm[1])
+        return f_conv(z, *prm[1], *prm[0])  # closure_convert appends the hoisted constants
 
     def forward_solve(prm):
         z, info = solve(lambda z: call(z, prm), z0, opts, batched=batched, residual_sign=residual_sign)
