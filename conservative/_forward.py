@@ -385,7 +385,7 @@ class Interpreter:
             else:
                 arr = arr.astype(np.dtype(o.dtype))
             out_v.append(self.be.asarray(arr))
-            out_t.append(None if t is None or not o.is_float else self.be.asarray(np.asarray(t).reshape((k, *o.shape))))
+            out_t.append(None if t is None or not o.is_float or k == 0 else self.be.asarray(np.asarray(t).reshape((k, *o.shape))))
         return out_v, out_t
 
     def _select_apply(self, node, ctx, chosen, in_vals, in_tans):

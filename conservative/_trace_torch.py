@@ -291,7 +291,9 @@ class Backend:
         return np.asarray(v)
 
     def asarray(self, a: np.ndarray, like=None):
-        return torch.from_numpy(np.ascontiguousarray(a))
+        a = np.asarray(a)
+        # np.ascontiguousarray would turn a 0-d array into shape (1,)
+        return torch.from_numpy(np.array(a, copy=True, order="C")) if a.ndim else torch.tensor(a.item(), dtype=torch.from_numpy(a.reshape(1)).dtype)
 
     def zeros_tangent(self, k, shape):
         return torch.zeros((k, *shape), dtype=torch.float64)
