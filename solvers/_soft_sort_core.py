@@ -280,51 +280,72 @@ def jvp_rows(x2, perm, block, t2, *, op, regularization, strength, descending):
     return out
 
 
-def _block_layout(block: np.ndarray):
-    """Flat start index and length of every block, in row-major order."""
-    rows, n = block.shape
-    starts = np.flatnonzero(block == np.arange(n, dtype=block.dtype))
+def _segments(start_flags: np.ndarray):
+    """Start index and length of each block from a flat bool array of block starts."""
+    starts = np.flatnonzero(start_flags)
     counts = np.empty_like(starts)
     np.subtract(starts[1:], starts[:-1], out=counts[:-1])
-    counts[-1] = rows * n - starts[-1]
+    counts[-1] = len(start_flags) - starts[-1]
     return starts, counts
+
+
+def _pooled_vjp(gs, u, start_flags, *, op, regularization):
+    """``J_s^T gs`` restricted to whole blocks (sorted coordinates), rank's alpha excluded.
+
+    ``u`` (float64, sorted descending within blocks) is only read for KL.
+    """
+    starts, counts = _segments(start_flags)
+    sums = np.add.reduceat(gs, starts, dtype=np.float64)
+    if regularization == "l2":
+        bc = np.repeat(sums / counts, counts)
+        return gs - bc if op == "rank" else bc
+    # u is sorted descending: each block's first entry is its max, so exp <= 1.
+    e = np.exp(u - np.repeat(u[starts], counts))
+    e /= np.repeat(np.add.reduceat(e, starts), counts)
+    e *= np.repeat(sums, counts)
+    return gs - e if op == "rank" else e
 
 
 def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
     """Vector-Jacobian product ``J(x)^T g`` for rows, in ``x2``'s dtype.
 
     The backward of the torch op: O(n) per row with contiguous segment reductions
-    (``add.reduceat``) over the sorted order; sums are accumulated in float64.
+    (``add.reduceat``) over the sorted order, sums accumulated in float64. Singleton
+    blocks (p = 1) are settled without any reduction: when they dominate (small
+    strengths) only the pooled blocks are gathered and reduced.
     """
     rows, n = x2.shape
-    starts, counts = _block_layout(block)
-    flat = (perm + np.arange(0, rows * n, n, dtype=np.int64)[:, None]).ravel()
+    size = rows * n
+    start_mask = block == np.arange(n, dtype=block.dtype)
+    flat = (perm + np.arange(0, size, n, dtype=np.int64)[:, None]).reshape(-1)
     g = np.asarray(g2).reshape(-1)
-    if len(starts) == rows * n:
-        # Only singleton blocks (the hard sort/rank regime): J is the permutation
-        # (sort) or zero (rank).
-        out = np.zeros(rows * n, dtype=x2.dtype)
-        if op == "sort":
-            out[flat] = g
-        return out.reshape(rows, n)
     gs = np.take(g, flat) if op == "rank" else g
-    sums = np.add.reduceat(gs, starts, dtype=np.float64)
     a = alpha(op, strength, descending)
-    if regularization == "l2":
-        bc = np.repeat(sums / counts, counts)
-        r = gs - bc if op == "rank" else bc
+    n_blocks = int(np.count_nonzero(start_mask))
+    if n_blocks * 2 > size:
+        # Mostly singletons: rank's J_s is 0 on them and sort's the identity.
+        r = np.zeros(size) if op == "rank" else gs.astype(np.float64)
+        if n_blocks < size:
+            last = np.empty_like(start_mask)
+            last[:, :-1] = start_mask[:, 1:]
+            last[:, -1] = True
+            members = np.flatnonzero(~(start_mask & last))
+            u = None
+            if regularization == "kl":
+                u = np.take(x2.reshape(-1), flat[members]).astype(np.float64) * a
+            r[members] = _pooled_vjp(np.take(gs, members), u,
+                                     start_mask.reshape(-1)[members], op=op,
+                                     regularization=regularization)
     else:
-        u = np.take(x2.reshape(-1), flat).astype(np.float64)
-        if a != 1.0:
-            u *= a
-        # u is sorted descending: each block's first entry is its max, so exp <= 1.
-        e = np.exp(u - np.repeat(u[starts], counts))
-        e /= np.repeat(np.add.reduceat(e, starts), counts)
-        e *= np.repeat(sums, counts)
-        r = gs - e if op == "rank" else e
+        u = None
+        if regularization == "kl":
+            u = np.take(x2.reshape(-1), flat).astype(np.float64)
+            if a != 1.0:
+                u *= a
+        r = _pooled_vjp(gs, u, start_mask.reshape(-1), op=op, regularization=regularization)
     if op == "rank":
         r *= a
-    out = np.empty(rows * n, dtype=x2.dtype)
+    out = np.empty(size, dtype=x2.dtype)
     out[flat] = r
     return out.reshape(rows, n)
 
