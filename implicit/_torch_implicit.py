@@ -138,6 +138,17 @@ class EquilibriumCell(torch.nn.Module):
     def forward(self, z, x):
         return self._act(self.preactivation(z, x))
 
+    @torch.no_grad()
+    def project_(self, max_norm: float = 0.95):
+        """Rescale ``W`` in place so that ``|W|_2 <= max_norm`` (a contraction for 1-Lipschitz
+        activations, hence a unique fixed point); call after each optimizer step.  Returns ``self``."""
+        if not (0 < max_norm < 1):
+            raise ValueError(f"max_norm must be in (0, 1); got {max_norm!r}")
+        norm = float(torch.linalg.matrix_norm(self.W, ord=2))
+        if norm > max_norm:
+            self.W.mul_(max_norm / norm)
+        return self
+
     def structure(self):
         from ._invertibility import ElementwiseLayer
 
