@@ -322,9 +322,13 @@ def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
     gs = np.take(g, flat) if op == "rank" else g
     a = alpha(op, strength, descending)
     n_blocks = int(np.count_nonzero(start_mask))
+    out = np.empty(size, dtype=x2.dtype)
     if n_blocks * 2 > size:
         # Mostly singletons: rank's J_s is 0 on them and sort's the identity.
-        r = np.zeros(size) if op == "rank" else gs.astype(np.float64)
+        if op == "rank":
+            out[:] = 0
+        else:
+            out[flat] = gs
         if n_blocks < size:
             last = np.empty_like(start_mask)
             last[:, :-1] = start_mask[:, 1:]
@@ -333,19 +337,20 @@ def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
             u = None
             if regularization == "kl":
                 u = np.take(x2.reshape(-1), flat[members]).astype(np.float64) * a
-            r[members] = _pooled_vjp(np.take(gs, members), u,
-                                     start_mask.reshape(-1)[members], op=op,
-                                     regularization=regularization)
-    else:
-        u = None
-        if regularization == "kl":
-            u = np.take(x2.reshape(-1), flat).astype(np.float64)
-            if a != 1.0:
-                u *= a
-        r = _pooled_vjp(gs, u, start_mask.reshape(-1), op=op, regularization=regularization)
+            r = _pooled_vjp(np.take(gs, members), u, start_mask.reshape(-1)[members], op=op,
+                            regularization=regularization)
+            if op == "rank":
+                r *= a
+            out[flat[members]] = r
+        return out.reshape(rows, n)
+    u = None
+    if regularization == "kl":
+        u = np.take(x2.reshape(-1), flat).astype(np.float64)
+        if a != 1.0:
+            u *= a
+    r = _pooled_vjp(gs, u, start_mask.reshape(-1), op=op, regularization=regularization)
     if op == "rank":
         r *= a
-    out = np.empty(size, dtype=x2.dtype)
     out[flat] = r
     return out.reshape(rows, n)
 

@@ -147,6 +147,8 @@ def _save(ctx, inputs, output):
     ctx.options = dict(strength=strength, regularization=regularization, rank=rank,
                        descending=descending)
     ctx.mark_non_differentiable(perm, block)
+    # perm/block never receive gradients; don't let autograd build zero tensors for them.
+    ctx.set_materialize_grads(False)
     return x, perm, block
 
 
