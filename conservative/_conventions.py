@@ -497,8 +497,10 @@ class KinkConventions:
         return " ".join(parts)
 
     def to_json(self) -> dict:
+        version = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         return {"framework": self.framework, "versions": dict(self.versions),
-                "rows": [r.to_json() for r in self.rows], "explanation": self.explain()}
+                "rows": [{**r.to_json(), "framework": self.framework, "version": version} for r in self.rows],
+                "explanation": self.explain()}
 
     def to_markdown(self) -> str:
         head = ("| primitive | spelling | at | AD returned | Clarke set | in Clarke? | min-norm? | behaviour |\n"
