@@ -13,7 +13,8 @@ is one sort plus one non-increasing isotonic regression (PAV) in sorted coordina
 L2: ``v = iso(s - w)``; KL: ``v = iso_kl(s, w)`` (block value
 ``logsumexp(s_B) - logsumexp(w_B)``). The output in sorted coordinates is ``s - v``,
 computed as ``w + ((s - w) - v)`` so that every singleton block returns its ``w``
-*exactly* (hard ranks / hard sort once ``eps`` is below the smallest gap).
+*exactly*: hard ranks once ``eps`` is below the smallest gap of ``x``, the hard sort
+once ``eps`` times the largest gap is below 1.
 
 Every case is described by one coefficient ``alpha`` with ``u = alpha * x[perm]`` the
 descending-sorted "logits" (``u = s`` for rank, ``u = w`` for sort). Inside a block
