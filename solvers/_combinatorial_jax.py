@@ -72,7 +72,9 @@ def shortest_path_jax(costs):
 
     flat_pred = pred.reshape((B, H * W))
     offsets = jnp.array([dy * W + dx for dy, dx in _SHIFTS], jnp.int32)
-    steps = hops[:, H - 1, W - 1].astype(jnp.int32)
+    # NaN costs leave the end unreached (hops = inf): take no step rather than 2**31.
+    end_hops = hops[:, H - 1, W - 1]
+    steps = jnp.where(jnp.isfinite(end_hops), end_hops, 0).astype(jnp.int32)
     rows = jnp.arange(B)
     cur = jnp.full((B,), H * W - 1, jnp.int32)
     mask = jnp.zeros((B, H * W), c.dtype).at[rows, cur].set(1)
