@@ -72,8 +72,10 @@ def _cmd_report(args) -> int:
     report, paths = run_report(out=args.out, quick=args.quick, frameworks=frameworks, suites=suites,
                                jobs=args.jobs, scheduler=args.scheduler)
     s = report["summary"]
-    print(f"{s['checks_passed']}/{s['checks_total']} checks passed in {s['suites_total']} suites"
-          f"{' (PARTIAL)' if report['partial'] else ''}.")
+    failed = [x["name"] for x in report["suites"] if not x["passed"]]
+    print(f"{s['checks_passed']}/{s['checks_total']} checks passed; {s['suites_passed']}/{s['suites_total']} "
+          f"suites passed{' (PARTIAL)' if report['partial'] else ''}"
+          + (f"; failed or errored: {', '.join(failed)}." if failed else "."))
     for kind, path in paths.items():
         print(f"  {kind:<8} {path}")
     if report["partial"]:

@@ -62,8 +62,12 @@ def run_suite(name: str, quick: bool, frameworks=None, progress=None) -> dict:
     return result.to_json()
 
 
-def _progress_line(i, n, name, status):
-    sys.stderr.write(f"\r[{i}/{n}] {name:<12} {status:<60}")
+def _progress_line(i, n, name, status, *, final=False):
+    # A live bar on a terminal; one line per finished suite in logs (no carriage-return soup).
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r[{i}/{n}] {name:<12} {status:<60}" + ("\n" if final else ""))
+    elif final:
+        sys.stderr.write(f"[{i}/{n}] {name:<12} {status}\n")
     sys.stderr.flush()
 
 
@@ -150,8 +154,8 @@ def run_report(*, out: str | os.PathLike = "nonsmooth-report", quick: bool = Fal
                 done.append(result)
                 if show_progress:
                     _progress_line(i, len(names), name,
-                                   f"{'pass' if result['passed'] else 'FAIL'} ({result['seconds']:.1f} s)")
-                    sys.stderr.write("\n")
+                                   f"{'pass' if result['passed'] else 'FAIL'} ({result['seconds']:.1f} s)",
+                                   final=True)
         else:
             futures = [(name, executor.submit(run_suite, name, quick, frameworks, None)) for name in names]
             for i, (name, fut) in enumerate(futures, 1):
@@ -159,8 +163,8 @@ def run_report(*, out: str | os.PathLike = "nonsmooth-report", quick: bool = Fal
                 done.append(result)
                 if show_progress:
                     _progress_line(i, len(names), name,
-                                   f"{'pass' if result['passed'] else 'FAIL'} ({result['seconds']:.1f} s)")
-                    sys.stderr.write("\n")
+                                   f"{'pass' if result['passed'] else 'FAIL'} ({result['seconds']:.1f} s)",
+                                   final=True)
     except KeyboardInterrupt:
         partial, reason = True, f"interrupted (Ctrl-C) after {len(done)} of {len(names)} suites"
         if show_progress:
