@@ -165,7 +165,12 @@ def test_audit_cases_give_the_engine_verdicts():
 @pytest.mark.slow
 def test_audit_cases_serial_vs_processes():
     cases = _audit_cases()
-    assert run_campaign(cases, max_workers=2) == run_campaign(cases, executor="serial")
+    pooled, serial = run_campaign(cases, max_workers=2), run_campaign(cases, executor="serial")
+    diffs = [(p.index, k) for p, s in zip(pooled.results, serial.results)
+             for k in set(p.value or {}) | set(s.value or {})
+             if (p.value or {}).get(k) != (s.value or {}).get(k)]
+    assert pooled == serial, f"fields differing between executors: {diffs}; errors: " + \
+        "; ".join(r.error for r in pooled.results + serial.results if not r.ok)
 
 
 @pytest.mark.slow
