@@ -371,40 +371,8 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
     leaves_for_continuity = []
     pc1 = not (kinds & {"nonlipschitz", "unsupported"})
 
-    # 1. LD derivatives along +-identity and random direction matrices: exact B-elements
-    #    for PC1 programs (Khan & Barton).
-    n_ld = max(1, n_directions // 2)
-    mats = [np.eye(n), -np.eye(n)]
-    for _ in range(n_ld):
-        M = rng.standard_normal((n, n))
-        mats += [M, -M]
-    mats = mats[: max(2, n_directions)]
-    for M in mats:
-        leaf = P.run(F.LexPolicy(), M)[0]
-        try:
-            Minv = np.linalg.inv(M)
-        except np.linalg.LinAlgError:
-            continue
-        J = leaf.jac @ Minv
-        leaves_for_continuity.append(leaf)
-        if pc1 and leaf.certified and np.all(np.isfinite(J)):
-            b_elems.append(J)
-            b_src.append("LD")
-
-    # 2. AD-selection Jacobians: vertex choices at the active kinks (first, last, random).
-    assigns = [("first", 0), ("last", 0)] + [("random", seed * 100003 + j) for j in range(n_directions)]
-    for choice, s in assigns:
-        leaf = P.run(F.AssignPolicy(_site_assign(s, choice)))[0]
-        sel.append(leaf.jac)
-        if pc1 and leaf.certified and not any(site.kind == "norm" for site, _ in leaf.choices):
-            ok, _ = strictly_feasible(leaf.conds)
-            if ok and not (leaf.degenerate and any(site.discrete for site, _ in leaf.choices)):
-                b_elems.append(leaf.jac)
-                b_src.append("selection")
-                leaves_for_continuity.append(leaf)
-
-    # 3. Exact enumeration of the essentially active pieces when few kinks are active.
-    exact, exact_reason, enum_leaves = False, "", []
+    # Which kinds of sites block an exact enumeration?
+    exact, exact_reason, enum_leaves, enumerated = False, "", [], False
     blockers = kinds & {"norm", "unsupported", "nonlipschitz"}
     incomplete = [s for s in sites.values() if not s.complete]
     if blockers:
@@ -417,9 +385,11 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
         exact_reason = f"a tied group of {len(incomplete[0].members)} elements is too large to enumerate its orderings"
     elif weight > exact_budget:
         exact_reason = f"{weight} active kinks exceed exact_budget={exact_budget}"
-    elif weight > ALWAYS_ENUMERATE and need_enum is not None and not need_enum(b_elems):
-        exact_reason = f"enumeration of {weight} active kinks skipped: AD already lies in the hull of the elements found"
-    else:
+    eligible = not exact_reason
+
+    def enumerate_pieces():
+        nonlocal exact, exact_reason, enum_leaves, enumerated
+        enumerated = True
         try:
             enum_leaves = P.run(F.EnumPolicy(), None, max_leaves=MAX_PIECES, max_sites=exact_budget)
             exact = True
@@ -440,7 +410,65 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
             exact_reason = f"enumeration impossible: {e}"
             enum_leaves = []
 
-    # 4. Continuity: certified pieces whose limits at x differ -> f jumps at x.
+    # 1. Exact enumeration of the essentially active pieces first when few kinks are active.
+    if eligible and weight <= ALWAYS_ENUMERATE:
+        enumerate_pieces()
+
+    # 2. LD derivatives along +-identity and random direction matrices: exact B-elements
+    #    for PC1 programs (Khan & Barton).  A cross-check only when the enumeration is exact.
+    n_mats = 4 if exact else max(2, n_directions)
+    mats = [np.eye(n), -np.eye(n)]
+    while len(mats) < n_mats:
+        M = rng.standard_normal((n, n))
+        mats += [M, -M]
+    for M in mats[:n_mats]:
+        leaf = P.run(F.LexPolicy(), M)[0]
+        try:
+            Minv = np.linalg.inv(M)
+        except np.linalg.LinAlgError:
+            continue
+        J = leaf.jac @ Minv
+        leaves_for_continuity.append(leaf)
+        if pc1 and leaf.certified and np.all(np.isfinite(J)):
+            b_elems.append(J)
+            b_src.append("LD")
+
+    # 3. AD-selection Jacobians: every vertex choice when there are few, else the all-first,
+    #    all-last and n_directions random ones.
+    order = sorted(sites.values(), key=lambda s: (s.node, str(s.key)))
+    radices = [max(1, len(s.options)) for s in order]
+    n_combos = int(np.prod(radices, dtype=float)) if radices else 1
+    if n_combos <= n_directions + 2:
+        index = {(s.node, _key_hash(s.key)): i for i, s in enumerate(order)}
+        assigns = []
+        for c in range(n_combos):
+            digits, r = [], c
+            for b in radices:
+                digits.append(r % b)
+                r //= b
+            assigns.append(lambda site, d=digits: d[index[(site.node, _key_hash(site.key))]]
+                           if (site.node, _key_hash(site.key)) in index else 0)
+    else:
+        assigns = [_site_assign(0, "first"), _site_assign(0, "last")]
+        assigns += [_site_assign(seed * 100003 + j, "random") for j in range(n_directions)]
+    for assign in assigns:
+        leaf = P.run(F.AssignPolicy(assign))[0]
+        sel.append(leaf.jac)
+        if pc1 and leaf.certified and not any(site.kind == "norm" for site, _ in leaf.choices):
+            ok, _ = strictly_feasible(leaf.conds)
+            if ok and not (leaf.degenerate and any(site.discrete for site, _ in leaf.choices)):
+                b_elems.append(leaf.jac)
+                b_src.append("selection")
+                leaves_for_continuity.append(leaf)
+
+    # 4. More kinks: enumerate only if the elements found do not already settle AD.
+    if eligible and not enumerated:
+        if need_enum is not None and not need_enum(b_elems):
+            exact_reason = f"enumeration of {weight} active kinks skipped: AD already lies in the hull of the elements found"
+        else:
+            enumerate_pieces()
+
+    # 5. Continuity: certified pieces whose limits at x differ -> f jumps at x.
     discontinuous = ""
     if kinds & {"jump", "compare"} or any(s.discrete for s in sites.values()):
         cands = [lf for lf in leaves_for_continuity if lf.certified]

@@ -27,6 +27,7 @@ from ._lp import strictly_feasible
 from ._rules import RULES
 
 ZERO_ROW = 1e-13
+_STOP = {"stop_gradient", "aten.detach.default", "aten.detach_copy.default"}
 
 
 def _rmax(r) -> float:
@@ -133,6 +134,30 @@ class Interpreter:
         for v in graph.outputs:
             users[v.id] = users.get(v.id, 0) + 1
         self.users = users
+        self.relevant = self._tangent_relevant()
+
+    def _tangent_relevant(self) -> set:
+        """Float variables whose tangent can reach an output (stop_gradient/detach cut it)."""
+        rel = {v.id for v in self.g.outputs if v.is_float}
+        for node in reversed(self.g.nodes):
+            if not any(o.id in rel for o in node.outputs):
+                continue
+            if node.prim in _STOP:
+                continue
+            for v in node.inputs:
+                if isinstance(v, Var) and v.is_float:
+                    rel.add(v.id)
+        return rel
+
+    def _inert(self, node) -> bool:
+        """A continuous nonsmooth primitive whose outputs reach the result only through
+        stop_gradient (softmax's max shift) and whose indices are unused: no kink of f."""
+        impl = RULES[node.rule].impl
+        if impl in ("jump", "compare"):
+            return False
+        if any(o.id in self.relevant for o in node.outputs):
+            return False
+        return not any((not o.is_float) and self.users.get(o.id, 0) > 0 for o in node.outputs)
 
     # ------------------------------------------------------------------ public
 
@@ -185,7 +210,7 @@ class Interpreter:
             const = not any(isinstance(v, Var) and v.id in self.live for v in node.inputs)
             same = len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] and RULES.get(node.rule or "", None) is not None \
                 and RULES[node.rule].impl in ("pick", "compare")
-            if node.rule is None or RULES[node.rule].impl == "mask" or const or same:
+            if node.rule is None or RULES[node.rule].impl == "mask" or const or same or self._inert(node):
                 # smooth, or constant in x, or max(a, a)/a == a: no kink of f here
                 outs = self.be.eval(node, in_vals)
                 otans = self.be.jvp(node, in_vals, in_tans)

@@ -38,12 +38,13 @@ _SMOOTH = {
     "custom_linear_solve", "logaddexp", "reduce_and", "reduce_or", "shift_left",
     "shift_right_logical", "shift_right_arithmetic", "population_count", "clz", "rem_int",
     "optimization_barrier", "sharding_constraint", "mesh_cast", "reshard", "pvary", "square",
+    "stack", "unstack", "real", "imag", "conj", "max_p_noop",
 }
 _LINEAR = {"add", "add_any", "sub", "neg", "transpose", "reshape", "broadcast_in_dim", "squeeze",
            "expand_dims", "concatenate", "slice", "dynamic_slice", "dynamic_update_slice", "gather",
            "scatter-add", "scatter_add", "reduce_sum", "cumsum", "convert_element_type", "select_n",
            "copy", "copy_p", "pad", "rev", "stop_gradient", "reduce_precision", "split",
-           "optimization_barrier", "sharding_constraint", "pvary"}
+           "optimization_barrier", "sharding_constraint", "pvary", "stack", "unstack"}
 _BILINEAR = {"mul", "dot_general", "conv_general_dilated"}
 
 
@@ -126,8 +127,8 @@ class _Tracer:
             if z is not None:
                 arg, axes = z
                 fn = _norm_fn(axes)
-                node = self._node("norm", fn, [arg], avals, {"ord": 2, "dim": list(axes)}, rule="norm",
-                                  origin="norm (sqrt of a sum of squares)")
+                node = self._node("norm", fn, [arg], avals, {"ord": 2, "dim": list(axes)}, rule="norm")
+                node.location += "  (sqrt of a sum of squares, read as a 2-norm)"
                 return node.outputs
         rule = rule_for_jax_primitive(name)
         params = {}
