@@ -327,7 +327,59 @@ def _jacobian_fn(F, z, theta):
     return jac
 
 
-def _check_general(F, z, theta, *, n_samples, radius, seed):
+def _engine_vertices(F, z, theta, n):
+    """B-subdifferential elements of z -> F(z, theta) from the conservative engine, or a reason why not."""
+    if _framework(z) == "numpy":
+        return None, False, "the conservative engine traces torch/jax programs only"
+    try:
+        from nonsmooth.conservative import clarke_jacobian
+    except ImportError as e:
+        return None, False, f"conservative engine unavailable ({e})"
+    try:
+        C = clarke_jacobian(lambda u: F(u, theta), z)
+    except Exception as e:  # the engine explains what it cannot trace; fall back to sampling
+        return None, False, f"engine could not analyse F ({type(e).__name__}: {str(e)[:160]})"
+    V = np.asarray(C.vertices, float)
+    if V.size == 0:
+        return None, False, "engine returned no Jacobian"
+    return V.reshape(V.shape[0], n, n), bool(C.exact), ""
+
+
+def _hull_verdict(mats, exact, method, ad_sigma, note):
+    n = mats.shape[1]
+    sign, _ = np.linalg.slogdet(mats)
+    sig = np.linalg.svd(mats, compute_uv=False)[:, -1]
+    j = int(np.argmin(sig))
+    scale = max(1.0, float(np.abs(mats).max()))
+    tiny = n * np.finfo(float).eps * scale
+    sufficient = {}
+    base = dict(attained_at={"element": j} if len(mats) > 1 else {}, n_active_kinks=None, n_checked=len(mats),
+                ad_sigma_min=ad_sigma, sufficient=sufficient)
+    if (sig <= tiny).any() or (sign == 0).any():
+        return Invertibility(False, exact or method.startswith("Clarke"), method, float(sig.min()), reason=(
+            f"element #{j} of {len(mats)} is singular: the conservative Jacobian contains a singular matrix{note}"),
+            **base)
+    if np.unique(sign).size > 1:
+        return Invertibility(False, exact or method.startswith("Clarke"), method, float(sig.min()), reason=(
+            f"elements have determinants of both signs: a singular matrix lies in their convex hull{note}"), **base)
+    if len(mats) == 1:
+        return Invertibility(True, exact, method, float(sig.min()), reason=(
+            f"F is smooth at z (a single Jacobian) and that Jacobian is invertible{note}"), **base)
+    center = mats.mean(0)
+    spread = max(float(np.linalg.norm(M - center, 2)) for M in mats)
+    s_center = float(np.linalg.svd(center, compute_uv=False)[-1])
+    sufficient["sigma_min(center) > max |J_i - center|_2"] = {"value": s_center - spread,
+                                                              "holds": bool(s_center > spread)}
+    if s_center > spread:
+        return Invertibility(True, exact, method, float(sig.min()), reason=(
+            f"{len(mats)} distinct elements; every matrix of their convex hull is within {spread:.3g} of their "
+            f"mean, whose smallest singular value is {s_center:.3g}{note}"), **base)
+    return Invertibility(None, False, method, float(sig.min()), reason=(
+        f"{len(mats)} distinct elements share a determinant sign, but their hull is not certified "
+        f"invertible{note}"), **base)
+
+
+def _check_general(F, z, theta, *, n_samples, radius, seed, use_engine=True):
     z_np = _as_np(z, "z").reshape(-1)
     n = z_np.size
     jac = _jacobian_fn(F, z, theta)
@@ -335,6 +387,12 @@ def _check_general(F, z, theta, *, n_samples, radius, seed):
     if J_ad.shape != (n, n):
         raise ValueError(f"F(z, theta) must return an array shaped like z ({n} entries); its Jacobian is {J_ad.shape}")
     ad_sigma = float(np.linalg.svd(J_ad, compute_uv=False)[-1])
+    note = ""
+    if use_engine:
+        V, exact, why = _engine_vertices(F, z, theta, n)
+        if V is not None:
+            return _hull_verdict(V, exact, "Clarke Jacobian (conservative engine)", ad_sigma, "")
+        note = f" ({why}; sampled instead)"
     rng = np.random.default_rng(seed)
     dirs = [np.eye(n)[i] * s for i in range(min(n, 32)) for s in (1.0, -1.0)]
     dirs += list(rng.normal(size=(n_samples, n)))
@@ -346,48 +404,23 @@ def _check_general(F, z, theta, *, n_samples, radius, seed):
         if all(np.abs(M - U).max() > 1e-9 * (1 + np.abs(U).max()) for U in uniq):
             uniq.append(M)
     mats = np.stack(uniq)
-    sign, logdet = np.linalg.slogdet(mats)
-    sig = np.linalg.svd(mats, compute_uv=False)[:, -1]
-    j = int(np.argmin(sig))
-    scale = max(1.0, float(np.abs(mats).max()))
-    tiny = n * np.finfo(float).eps * scale
-    sufficient = {}
-    base = dict(attained_at={}, n_active_kinks=None, n_checked=len(mats), ad_sigma_min=ad_sigma,
-                sufficient=sufficient)
-    if (sig <= tiny).any() or (sign == 0).any():
-        return Invertibility(False, False, "sampled Jacobians", float(sig.min()), reason=(
-            f"a Jacobian sampled within {r:.1e} of z is singular (selection #{j} of {len(mats)}): the conservative "
-            "Jacobian contains a singular matrix"), **base)
-    if np.unique(sign).size > 1:
-        return Invertibility(False, False, "sampled Jacobians", float(sig.min()), reason=(
-            "Jacobians sampled around z have determinants of both signs: a singular matrix lies in their convex "
-            "hull"), **base)
-    if len(mats) == 1:
-        return Invertibility(True, False, "sampled Jacobians", float(sig.min()), reason=(
-            "F looks smooth at z (every sampled Jacobian equals the AD one) and that Jacobian is invertible"), **base)
-    center = mats.mean(0)
-    spread = max(float(np.linalg.norm(M - center, 2)) for M in mats)
-    s_center = float(np.linalg.svd(center, compute_uv=False)[-1])
-    sufficient["sigma_min(center) > max |J_i - center|_2"] = {"value": s_center - spread,
-                                                              "holds": bool(s_center > spread)}
-    if s_center > spread:
-        return Invertibility(True, False, "sampled Jacobians", float(sig.min()), reason=(
-            f"{len(mats)} distinct Jacobians sampled around z; every matrix of their convex hull is within "
-            f"{spread:.3g} of their mean, whose smallest singular value is {s_center:.3g}"), **base)
-    return Invertibility(None, False, "sampled Jacobians", float(sig.min()), reason=(
-        f"{len(mats)} distinct Jacobians sampled around z share a determinant sign, but their hull is not "
-        "certified invertible"), **base)
+    return _hull_verdict(mats, False, "sampled Jacobians", ad_sigma,
+                         f" (Jacobians sampled within {r:.1e} of z){note}")
 
 
 def check_invertibility(F, z, theta=None, *, max_kinks: int = 12, kink_tol: float = 0.0, max_svd: int = 256,
-                        n_samples: int = 16, radius: float = 1e-6, seed: int = 0) -> Invertibility:
+                        n_samples: int = 16, radius: float = 1e-6, seed: int = 0,
+                        use_engine: bool = True) -> Invertibility:
     """Check the hypothesis of the nonsmooth implicit function theorem at ``(z, theta)``.
 
     ``F`` is an ``ElementwiseLayer`` (or a layer with ``structure()``: ``EquilibriumCell``,
     ``ImplicitModel``, a ``DEQ`` around an ``EquilibriumCell``), checked exactly over the vertex
     selections of its active kinks (``|pre - kink| <= kink_tol``), or any callable
-    ``F(z, theta)`` with torch, jax or NumPy arrays, checked on Jacobians sampled within
-    ``radius`` of ``z`` (``exact=False``).  ``z`` is one sample.
+    ``F(z, theta)`` with torch or jax arrays, checked on the B-subdifferential elements the
+    conservative engine (``nonsmooth.conservative.clarke_jacobian``) finds -- a singular element
+    or a determinant sign change is a certificate -- or, where the engine cannot trace ``F``
+    (or ``use_engine=False``, or NumPy), on Jacobians sampled within ``radius`` of ``z``
+    (``exact=False``).  ``z`` is one sample.
 
     Example:
         >>> import torch
@@ -410,7 +443,7 @@ def check_invertibility(F, z, theta=None, *, max_kinks: int = 12, kink_tol: floa
         return _check_structured(layer, zz, xx, max_kinks=max_kinks, kink_tol=kink_tol, max_svd=max_svd, seed=seed)
     if not callable(F):
         raise TypeError(f"F must be callable F(z, theta) or an ElementwiseLayer; got {type(F).__name__}")
-    return _check_general(F, z, theta, n_samples=n_samples, radius=radius, seed=seed)
+    return _check_general(F, z, theta, n_samples=n_samples, radius=radius, seed=seed, use_engine=use_engine)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,24 +21,43 @@ def _grid_det_signs(W, lo, hi, active, points=9):
     return np.array(dets)
 
 
-def test_classic_y_plus_abs_y_is_flagged_in_torch_and_jax():
+def test_classic_y_plus_abs_y_is_certified_by_the_engine_torch():
     torch = pytest.importorskip("torch")
-    jax = pytest.importorskip("jax")
     F_t = lambda y, x: y + torch.abs(y) - x  # noqa: E731
     r = check_invertibility(F_t, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
     assert r.invertible is False
+    assert r.exact, r.explain()  # the engine's Clarke Jacobian {0, 2} holds the singular element: a certificate
     assert r.sigma_min == 0.0
     assert r.ad_sigma_min == pytest.approx(1.0)  # torch: abs'(0) = 0 gives d_y F = 1, finite
     assert "AD returns a finite derivative" in r.explain()
+
+
+@pytest.mark.slow
+def test_classic_y_plus_abs_y_is_certified_by_the_engine_jax():
+    jax = pytest.importorskip("jax")
     F_j = lambda y, x: y + jax.numpy.abs(y) - x  # noqa: E731
     r = check_invertibility(F_j, jax.numpy.zeros(1), jax.numpy.zeros(1))
-    assert r.invertible is False
+    assert r.invertible is False and r.exact
     assert r.ad_sigma_min == pytest.approx(2.0)  # jax: abs'(0) = 1
-    # numpy callable (finite differences around the point)
+
+
+def test_classic_y_plus_abs_y_is_flagged_by_sampling():
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    F_t = lambda y, x: y + torch.abs(y) - x  # noqa: E731
+    # numpy callable, and torch/jax without the engine: Jacobians sampled around the point (evidence only)
     r = check_invertibility(lambda y, x: y + np.abs(y) - x, np.zeros(1), np.zeros(1))
-    assert r.invertible is False
+    assert r.invertible is False and not r.exact
+    r = check_invertibility(F_t, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                            use_engine=False)
+    assert r.invertible is False and not r.exact and r.method == "sampled Jacobians"
+    assert r.ad_sigma_min == pytest.approx(1.0)
+    r = check_invertibility(lambda y, x: y + jax.numpy.abs(y) - x, jax.numpy.zeros(1), jax.numpy.zeros(1),
+                            use_engine=False)
+    assert r.invertible is False and r.ad_sigma_min == pytest.approx(2.0)  # jax: abs'(0) = 1
     # away from the kink the theorem applies
-    r = check_invertibility(F_t, torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    r = check_invertibility(F_t, torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                            use_engine=False)
     assert r.invertible is True and r.sigma_min == pytest.approx(2.0)
 
 
