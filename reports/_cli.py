@@ -189,6 +189,47 @@ def _cmd_rules(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from nonsmooth.conservative._bifurcation import bifurcation_study
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    study = bifurcation_study(depth=args.depth, width=args.width, batch_size=args.batch_size,
+                              n_inits=args.n_inits, dtypes=dtypes, dataset=args.dataset, seed=args.seed,
+                              float16=args.float16,
+                              progress=(lambda m: print(m, file=sys.stderr)) if not args.json else None)
+    print(json.dumps(study.to_json(), indent=1) if args.json else study.explain())
+    return 0
+
+
+def _cmd_campaign(args) -> int:
+    from nonsmooth.conservative._campaign import Case, run_campaign
+
+    try:
+        data = json.loads(Path(args.cases).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read cases from {args.cases!r}: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(data, dict):
+        data = data.get("cases", [])
+    cases = [Case.from_json(c) if "evaluate_kind" in c and "options" in c else Case(**c) for c in data]
+    executor = None if args.executor == "processes" else args.executor
+    result = run_campaign(cases, executor=executor, shard=args.shard,
+                          progress=lambda m: print(m, file=sys.stderr))
+    if args.out:
+        result.save(args.out)
+    print(result.explain())
+    return 0 if result.n_failed == 0 else 1
+
+
+def _cmd_campaign_merge(args) -> int:
+    from nonsmooth.conservative._campaign import merge_results
+
+    merged = merge_results(args.paths)
+    merged.save(args.out)
+    print(merged.explain())
+    return 0 if merged.n_failed == 0 else 1
+
+
 def _cmd_prove(args) -> int:
     from nonsmooth.proofs._cli import main as prove_main
 
@@ -240,6 +281,40 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     pr.add_argument("rest", nargs=argparse.REMAINDER)
     pr.set_defaults(func=_cmd_prove)
+
+    st = sub.add_parser("study", help="the ReLU'(0) bifurcation study (Bertoin et al. 2021)",
+                        description="For an MLP of the given depth and width, over n random initialisations, "
+                                    "in each dtype: does backprop with ReLU'(0)=0 differ from ReLU'(0)=1 on "
+                                    "some minibatch of one pass over the data set? Prints rates with "
+                                    "confidence intervals.")
+    st.add_argument("--depth", type=int, default=3)
+    st.add_argument("--width", type=int, default=256)
+    st.add_argument("--batch-size", type=int, default=128)
+    st.add_argument("--n-inits", type=int, default=20)
+    st.add_argument("--dtypes", default="float16,float32,float64")
+    st.add_argument("--dataset", default="digits", choices=("digits", "mnist_like"))
+    st.add_argument("--float16", default="auto", choices=("auto", "native", "emulated", "accumulate"),
+                    help="how float16 is computed on CPU (see bifurcation_study)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_study)
+
+    c = sub.add_parser("campaign", help="run many audit cases on local processes, Dask, or one shard of N",
+                       description="Run the cases of a JSON file (a list of {function: 'module:qualname', "
+                                   "point, dtype, seed, framework, evaluate_kind}) on an executor; results are "
+                                   "identical whatever runs them. Exit 1 if a case failed.")
+    c.add_argument("cases", help="JSON file with the list of cases")
+    c.add_argument("--executor", default="processes",
+                   help="processes (default), serial, dask-local, or a Dask scheduler address")
+    c.add_argument("--shard", help="i/N: run cases i, i+N, ... (for batch schedulers)")
+    c.add_argument("--out", help="save results (JSON lines) for 'nonsmooth campaign-merge'")
+    c.set_defaults(func=_cmd_campaign)
+
+    cm = sub.add_parser("campaign-merge", help="merge the saved results of a campaign's shards",
+                        description="Join the files saved by 'nonsmooth campaign --shard i/N --out FILE'.")
+    cm.add_argument("paths", nargs="+")
+    cm.add_argument("--out", required=True)
+    cm.set_defaults(func=_cmd_campaign_merge)
 
     b = sub.add_parser("bench", help="benchmarks with ratios against named baselines",
                        description="Benchmarks measured interleaved in one process, one thread; each prints "
