@@ -175,12 +175,16 @@ def run(*, quick: bool = False, progress=None, frameworks=_FRAMEWORKS) -> SuiteR
                 continue
             seconds[fw].append(time.perf_counter() - t1)
             got = a.verdict.name
-            ad_engine = np.asarray(a.ad_jacobian, dtype=np.float64).reshape(ad.shape)
-            same_ad = bool(np.array_equal(np.isnan(ad_engine), np.isnan(ad))
-                           and np.allclose(np.nan_to_num(ad_engine), np.nan_to_num(ad), atol=1e-9))
+            ad_engine = None if a.ad_jacobian is None else np.asarray(a.ad_jacobian, dtype=np.float64)
+            same_ad = bool(ad_engine is not None and ad_engine.size == ad.size)
+            if same_ad:
+                ad_engine = ad_engine.reshape(ad.shape)
+                same_ad = bool(np.array_equal(np.isnan(ad_engine), np.isnan(ad))
+                               and np.allclose(np.nan_to_num(ad_engine), np.nan_to_num(ad), atol=1e-9))
             passed = got == expected and same_ad
             numbers = {"expected": expected, "verdict": got, "ad_measured": ad.tolist(),
-                       "ad_audit": ad_engine.tolist(), "exact": bool(a.exact),
+                       "ad_audit": None if ad_engine is None else ad_engine.tolist(),
+                       "reason": getattr(a, "reason", ""), "exact": bool(a.exact),
                        "bifurcation": bool(a.bifurcation), "seconds": seconds[fw][-1]}
             if a.min_norm is not None:
                 numbers["min_norm"] = np.asarray(a.min_norm, dtype=np.float64).tolist()

@@ -100,6 +100,8 @@ def _check_audit(prog, x, framework, seed):
     np.testing.assert_allclose(np.asarray(a.ad_jacobian, dtype=np.float64).reshape(m, n), ad, atol=1e-12)
     ad_in = in_hull(B.flat(), ad, tol=1e-7)
     assert a.verdict is not Verdict.NOT_LIPSCHITZ, (framework, a.explain())
+    if prog.n_active_kinks(x) <= 8:  # well inside the default exact budget: the engine must decide
+        assert a.verdict is not Verdict.UNDECIDED, (framework, a.reason)
     if ad_in:
         assert a.verdict is not Verdict.SPURIOUS, (framework, ad, B.elements, a.explain())
     if a.verdict is Verdict.SPURIOUS:
