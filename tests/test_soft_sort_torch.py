@@ -208,3 +208,16 @@ def test_hard_regime_gradients_are_the_permutation_and_zero():
     torch.testing.assert_close(g, torch.tensor([[100.0, 1.0, 1000.0, 10.0]], dtype=torch.float64))
     (g,) = torch.autograd.grad((soft_rank(x, regularization_strength=1e-3) * w).sum(), x)
     torch.testing.assert_close(g, torch.zeros_like(g))
+
+
+def test_backward_op_vmap_rule_matches_a_loop():
+    bwd = torch.ops.nonsmooth.soft_sort_rank_backward
+    x = _x(4, 2, 7, seed=17)
+    g = _x(7, seed=18)
+    for rank, reg in itertools.product((True, False), REGS):
+        _, perm, block = torch.ops.nonsmooth.soft_sort_rank(x, 0.6, reg, rank, False)
+        got = torch.func.vmap(lambda a, p, b: bwd(a, p, b, g, 0.6, reg, rank, False))(
+            x, perm, block)
+        for i in range(4):
+            torch.testing.assert_close(got[i], bwd(x[i], perm[i], block[i],
+                                                   g.expand(2, 7), 0.6, reg, rank, False))
