@@ -78,10 +78,11 @@ def _(x, perm, block, grad, strength, regularization, rank, descending):
 
 @_soft_sort_rank_backward.register_vmap
 def _(info, in_dims, x, perm, block, grad, strength, regularization, rank, descending):
-    args = []
-    for t, d in zip((x, perm, block, grad), in_dims[:4]):
-        t = t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
-        args.append(t)
+    args = [t.movedim(d, 0) if d is not None else t.unsqueeze(0)
+            for t, d in zip((x, perm, block, grad), in_dims[:4])]
+    shape = torch.broadcast_shapes(*(t.shape for t in args))
+    shape = (info.batch_size, *shape[1:])
+    args = [t.expand(shape).contiguous() for t in args]
     return _soft_sort_rank_backward(*args, strength, regularization, rank, descending), 0
 
 
