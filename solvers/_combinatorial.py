@@ -100,9 +100,17 @@ class TopK:
 def _topk_torch(theta, k):
     import torch
 
-    # torch.topk breaks ties arbitrarily; rebuild the mask from the k-th value so equal
-    # entries are taken lowest index first, as in numpy and jax.
-    kth = torch.topk(theta, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    n = theta.shape[-1]
+    if k == n:
+        return torch.ones_like(theta)
+    # Fast path: when the k-th and (k+1)-th largest differ in every row the top-k set is
+    # unique and torch.topk's (arbitrary) tie order cannot matter.
+    values, idx = torch.topk(theta, k + 1, dim=-1)
+    if bool((values[..., k - 1] > values[..., k]).all()):
+        return torch.zeros_like(theta).scatter_(-1, idx[..., :k], 1.0)
+    # Ties at the boundary: rebuild the mask from the k-th value so equal entries are
+    # taken lowest index first, as in numpy and jax.
+    kth = values[..., k - 1: k]
     above = theta > kth
     equal = theta == kth
     room = k - above.sum(dim=-1, keepdim=True)

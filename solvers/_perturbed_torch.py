@@ -78,13 +78,14 @@ class _PerturbedFunction(torch.autograd.Function):
         B = math.prod(ctx.theta_shape[: ctx.batch_ndim])
         Yf = Y.reshape(Y.shape[0], B, -1)
         gf = g.reshape(B, -1)
+        # Elementwise products and a (B, 1, N) x (B, N, D) bmm on transposed views are
+        # several times faster here than the equivalent einsums, which copy to contiguous.
+        w = (Yf[:N] * gf).sum(-1)
         if layer.control_variate:
             # <y_i - y*(theta), g>: the mean of the score is 0, so this changes only variance.
-            w = torch.einsum("nbo,bo->nb", Yf[:N], gf) - (Yf[N] * gf).sum(-1)
-        else:
-            w = torch.einsum("nbo,bo->nb", Yf, gf)
+            w = w - (Yf[N] * gf).sum(-1)
         Sf = score.reshape(N, B, -1)
-        weighted = torch.einsum("nbd,nb->bd", Sf, w)
+        weighted = torch.bmm(w.t().unsqueeze(1), Sf.transpose(0, 1)).squeeze(1)
         if layer.noise == "gumbel":
             grad = w.sum(0).unsqueeze(-1) - weighted  # score = 1 - E
         else:

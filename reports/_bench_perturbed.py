@@ -1,0 +1,201 @@
+"""``nonsmooth bench perturbed``: forward + gradient of perturbed argmax and top-k.
+
+Problem: batch 64, dimension 100, N = 1000 Gumbel samples, sigma = 0.1.  Each layer is
+compared, in the same process and interleaved, with
+
+- the *physical floor*: drawing the same (N x batch x dim) noise and one stacked
+  solver call on theta + sigma Z -- what any implementation must at least do;
+- peers when installed (extra ``peers``): optax and jaxopt perturbations (jax), PyEPO's
+  ``perturbedOpt`` (torch; it solves one instance at a time in Python and only has
+  normal noise, so it is compared with our normal-noise layer).
+
+Peers are imported here only, never by the library.  Ratios > 1 mean we are slower.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from ._suite import Table
+from ._timing import fmt_seconds, interleaved, single_thread
+
+BATCH, DIM, SAMPLES, SIGMA, K = 64, 100, 1000, 0.1, 10
+
+
+def _have(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _torch_rows(quick, out):
+    import torch
+
+    from nonsmooth.solvers import argmax_onehot, perturbed, topk_mask
+
+    single_thread()
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(BATCH, DIM, generator=gen, requires_grad=True)
+    g = torch.randn(BATCH, DIM, generator=gen)
+    tiny = torch.finfo(theta.dtype).tiny
+    rows = []
+    for name, solver in (("argmax", argmax_onehot), (f"top-{K}", topk_mask(K))):
+        layer = perturbed(solver, num_samples=SAMPLES, sigma=SIGMA)
+
+        def ours(layer=layer):
+            theta.grad = None
+            layer(theta).backward(g)
+
+        def floor(solver=solver):
+            E = torch.rand((SAMPLES, BATCH, DIM), generator=gen)
+            E.clamp_(min=tiny)
+            torch.log(E, out=E).neg_()
+            torch.log(E, out=E)  # Gumbel Z = -log(-log U)
+            solver(E.mul_(-SIGMA).add_(theta.detach()))
+
+        t = interleaved({"ours": ours, "floor": floor}, repeats=5 if quick else 25)
+        rows.append(["torch", name, fmt_seconds(t["ours"]), fmt_seconds(t["floor"]),
+                     round(t["ours"] / t["floor"], 3), "", ""])
+        out(f"  torch {name}: ours {fmt_seconds(t['ours'])}, floor {fmt_seconds(t['floor'])}")
+    return rows
+
+
+def _jax_rows(quick, out):
+    import jax
+    import jax.numpy as jnp
+
+    from nonsmooth.solvers import argmax_onehot, perturbed, topk_mask
+
+    key = jax.random.PRNGKey(0)
+    k1, k2 = jax.random.split(key)
+    theta = jax.random.normal(k1, (BATCH, DIM))
+    g = jax.random.normal(k2, (BATCH, DIM))
+    optax_p = jaxopt_p = None
+    if _have("optax"):
+        from optax import perturbations as optax_p
+    if _have("jaxopt"):
+        from jaxopt import perturbations as jaxopt_p
+    rows = []
+    for name, solver in (("argmax", argmax_onehot), (f"top-{K}", topk_mask(K))):
+        layer = perturbed(solver, num_samples=SAMPLES, sigma=SIGMA)
+        ours = jax.jit(jax.value_and_grad(lambda t, k, layer=layer: jnp.sum(layer(t, key=k) * g)))
+        floor = jax.jit(lambda t, k, solver=solver: solver(
+            t + SIGMA * jax.random.gumbel(k, (SAMPLES,) + t.shape, t.dtype)))
+        cands = {"ours": lambda: jax.block_until_ready(ours(theta, key)),
+                 "floor": lambda: jax.block_until_ready(floor(theta, key))}
+        if optax_p is not None:
+            pf = optax_p.make_perturbed_fun(solver, num_samples=SAMPLES, sigma=SIGMA)
+            fo = jax.jit(jax.value_and_grad(lambda t, k, pf=pf: jnp.sum(pf(k, t) * g)))
+            cands["optax"] = lambda fo=fo: jax.block_until_ready(fo(theta, key))
+        if jaxopt_p is not None:
+            pj = jaxopt_p.make_perturbed_argmax(solver, num_samples=SAMPLES, sigma=SIGMA)
+            fj = jax.jit(jax.value_and_grad(lambda t, k, pj=pj: jnp.sum(pj(t, k) * g)))
+            cands["jaxopt"] = lambda fj=fj: jax.block_until_ready(fj(theta, key))
+        t = interleaved(cands, repeats=5 if quick else 25)
+        ratio = lambda peer: round(t["ours"] / t[peer], 3) if peer in t else "not installed"
+        rows.append(["jax", name, fmt_seconds(t["ours"]), fmt_seconds(t["floor"]),
+                     round(t["ours"] / t["floor"], 3), ratio("optax"), ratio("jaxopt")])
+        out(f"  jax {name}: " + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in t.items()))
+    return rows
+
+
+def _pyepo_table(quick, out):
+    import numpy as np
+    import torch
+    from pyepo import EPO
+    from pyepo.func import perturbedOpt
+    from pyepo.model.opt import optModel
+
+    from nonsmooth.solvers import argmax_onehot, perturbed
+
+    class _ArgmaxModel(optModel):
+        """argmax over the one-hot vectors, as a PyEPO model (one instance per solve)."""
+
+        def _getModel(self):
+            self.modelSense = EPO.MAXIMIZE
+            return None, list(range(DIM))
+
+        def setObj(self, c):
+            self._c = np.asarray(c)
+
+        def solve(self):
+            y = np.zeros(DIM)
+            i = int(np.argmax(self._c))
+            y[i] = 1.0
+            return y, float(self._c[i])
+
+    single_thread()
+    n = 100 if quick else SAMPLES  # PyEPO solves every (sample, batch) instance in Python
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(BATCH, DIM, generator=gen, requires_grad=True)
+    g = torch.randn(BATCH, DIM, generator=gen)
+    ours_layer = perturbed(argmax_onehot, num_samples=n, sigma=1.0, noise="normal")
+    peer = perturbedOpt(_ArgmaxModel(), n_samples=n, sigma=1.0)
+
+    def ours():
+        theta.grad = None
+        ours_layer(theta).backward(g)
+
+    def pyepo():
+        theta.grad = None
+        peer(theta).backward(g)
+
+    t = interleaved({"ours": ours, "pyepo": pyepo}, repeats=2 if quick else 5, warmup=1)
+    out(f"  torch argmax (normal noise, N={n}): ours {fmt_seconds(t['ours'])}, "
+        f"PyEPO {fmt_seconds(t['pyepo'])}")
+    return Table(
+        title=f"Perturbed argmax vs PyEPO perturbedOpt (torch, normal noise, N={n}, batch {BATCH}, dim {DIM})",
+        columns=["layer", "ours", "PyEPO", "ours / PyEPO"],
+        rows=[["argmax", fmt_seconds(t["ours"]), fmt_seconds(t["pyepo"]),
+               round(t["ours"] / t["pyepo"], 4)]],
+        note="PyEPO calls its optModel once per (sample, batch) instance in a Python loop.")
+
+
+def run(*, quick: bool = False, out=print) -> list[Table]:
+    """Measure and print the tables; returns them.
+
+    Example:
+        >>> tables = run(quick=True, out=lambda s: None)   # doctest: +SKIP
+    """
+    out(f"perturbed layers: batch {BATCH}, dim {DIM}, N = {SAMPLES}, Gumbel sigma = {SIGMA}, "
+        "forward + gradient")
+    rows, notes = [], []
+    if _have("torch"):
+        rows += _torch_rows(quick, out)
+    else:
+        notes.append("torch not installed: torch rows skipped")
+    if _have("jax"):
+        rows += _jax_rows(quick, out)
+    else:
+        notes.append("jax not installed: jax rows skipped")
+    for peer in ("optax", "jaxopt", "pyepo"):
+        if not _have(peer):
+            notes.append(f"{peer} not installed (pip install nonsmooth[peers]): its column is skipped")
+    main = Table(
+        title=f"Perturbed argmax / top-{K}: forward + gradient (batch {BATCH}, dim {DIM}, N {SAMPLES})",
+        columns=["framework", "layer", "ours", "floor (noise + 1 solver call)",
+                 "ours / floor (target <= 1.3)", "ours / optax", "ours / jaxopt"],
+        rows=rows,
+        note=("Medians of interleaved runs in one process, torch on one thread. "
+              + " ".join(notes)).strip())
+    tables = [main]
+    if _have("pyepo") and _have("torch"):
+        tables.append(_pyepo_table(quick, out))
+    tables.append(Table(
+        title="GPU samples per second (N = 1000)",
+        columns=["solver", "samples / s"],
+        rows=[],
+        note="Not measured in this run: no CUDA device. On a GPU run "
+             "`nonsmooth bench perturbed` there to fill this table."))
+    _print_tables(tables, out)
+    return tables
+
+
+def _print_tables(tables, out):
+    for table in tables:
+        out("")
+        out(table.title)
+        widths = [max(len(str(c)), *(len(str(r[i])) for r in table.rows)) if table.rows
+                  else len(str(c)) for i, c in enumerate(table.columns)]
+        out("  ".join(str(c).ljust(w) for c, w in zip(table.columns, widths)))
+        for r in table.rows:
+            out("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+        if table.note:
+            out(f"  note: {table.note}")
