@@ -124,7 +124,10 @@ class Interpreter:
         self.be = backend
         self.xs64 = xs64
         self.tol = float(kink_tol)
-        self.live, self.affine = _affine_vars(graph, backend)
+        cached = getattr(graph, "_affine", None)
+        if cached is None:
+            cached = graph._affine = _affine_vars(graph, backend)
+        self.live, self.affine = cached
         self.n_in = sum(v.size for v in graph.inputs)
         users: dict[int, int] = {}
         for node in graph.nodes:
@@ -134,7 +137,10 @@ class Interpreter:
         for v in graph.outputs:
             users[v.id] = users.get(v.id, 0) + 1
         self.users = users
-        self.relevant = self._tangent_relevant()
+        rel = getattr(graph, "_relevant", None)
+        if rel is None:
+            rel = graph._relevant = self._tangent_relevant()
+        self.relevant = rel
 
     def _tangent_relevant(self) -> set:
         """Float variables whose tangent can reach an output (stop_gradient/detach cut it)."""
