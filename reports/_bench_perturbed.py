@@ -148,6 +148,41 @@ def _pyepo_table(quick, out):
         note="PyEPO calls its optModel once per (sample, batch) instance in a Python loop.")
 
 
+def _gpu_table(quick, out):
+    title = f"GPU throughput of perturbed layers, forward + gradient (N = {SAMPLES}, batch {BATCH})"
+    columns = ["solver", "problem", "time per call", "samples / s"]
+    try:
+        import torch
+    except ImportError:
+        return Table(title, columns, [], note="torch not installed")
+    if not torch.cuda.is_available():
+        return Table(title, columns, [], note="Not measured in this run: no CUDA device. "
+                     "Run `nonsmooth bench perturbed` on a GPU machine to fill this table.")
+    from nonsmooth.solvers import argmax_onehot, perturbed, shortest_path_grid, topk_mask
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    cases = [("argmax", argmax_onehot, (BATCH, DIM)), (f"top-{K}", topk_mask(K), (BATCH, DIM)),
+             ("shortest_path_grid", shortest_path_grid, (BATCH, 12, 12))]
+    rows = []
+    for name, solver, shape in cases:
+        layer = perturbed(solver, num_samples=SAMPLES, sigma=SIGMA)
+        theta = torch.rand(shape, device=dev, generator=gen).add_(0.1).requires_grad_()
+        g = torch.randn(shape, device=dev, generator=gen)
+
+        def step(layer=layer, theta=theta, g=g):
+            theta.grad = None
+            layer(theta).backward(g)
+            torch.cuda.synchronize()
+
+        t = interleaved({name: step}, repeats=3 if quick else 10)[name]
+        rate = SAMPLES * BATCH / t
+        rows.append([name, "x".join(map(str, shape[1:])), fmt_seconds(t), f"{rate:,.0f}"])
+        out(f"  cuda {name}: {fmt_seconds(t)} per call, {rate:,.0f} samples/s")
+    return Table(title, columns, rows, note=f"device: {torch.cuda.get_device_name(dev)}; "
+                 "a sample is one perturbed problem (one of N x batch).")
+
+
 def run(*, quick: bool = False, out=print) -> list[Table]:
     """Measure and print the tables; returns them.
 
@@ -178,12 +213,7 @@ def run(*, quick: bool = False, out=print) -> list[Table]:
     tables = [main]
     if _have("pyepo") and _have("torch"):
         tables.append(_pyepo_table(quick, out))
-    tables.append(Table(
-        title="GPU samples per second (N = 1000)",
-        columns=["solver", "samples / s"],
-        rows=[],
-        note="Not measured in this run: no CUDA device. On a GPU run "
-             "`nonsmooth bench perturbed` there to fill this table."))
+    tables.append(_gpu_table(quick, out))
     _print_tables(tables, out)
     return tables
 
