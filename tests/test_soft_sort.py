@@ -294,6 +294,16 @@ def test_half_precision_is_computed_in_float32():
         np.testing.assert_array_equal(got, want)
 
 
+def test_numpy_bfloat16_is_computed_in_float32():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng(8).normal(size=(3, 10)).astype(ml_dtypes.bfloat16)
+    for f in OPS.values():
+        got = f(x, regularization="kl", regularization_strength=0.5)
+        assert got.dtype == x.dtype
+        want = f(x.astype(np.float32), regularization="kl", regularization_strength=0.5)
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16))
+
+
 def test_kl_weights_stay_finite_at_small_strength_in_float32():
     x = np.random.default_rng(9).normal(size=(4, 30)).astype(np.float32)
     x[:, 1] = x[:, 0]  # a tie forces a pooled block at every strength
