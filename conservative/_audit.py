@@ -795,20 +795,8 @@ def audit_batch(f: Callable, xs, **kwargs) -> list[Audit]:
     points = list(xs) if not hasattr(xs, "shape") else [xs[i] for i in range(xs.shape[0])]
     if not points:
         raise ValueError("xs must hold at least one point, got an empty batch")
-    out, graph, shape = [], None, None
-    for p in points:
-        key = tuple((tuple(a.shape), str(a.dtype)) for a in (p if isinstance(p, (tuple, list)) else (p,)))
-        if key != shape:
-            graph, shape = None, key
-        a = audit(f, p, _graph=graph, **kwargs)
-        out.append(a)
-        if graph is None:
-            try:
-                P = _Problem(f, p, kink_tol=0.0)
-                graph = P.graph
-            except Exception:
-                graph = None
-    return out
+    # the trace cache makes every point after the first skip tracing (same shapes/dtypes)
+    return [audit(f, p, **kwargs) for p in points]
 
 
 # --------------------------------------------------------------------------- the other entry points

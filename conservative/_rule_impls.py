@@ -324,6 +324,14 @@ def norm_sites(node_i, node, x, tol) -> list[Site]:
                 sites.append(Site(node_i, ("n", o), "norm", opts,
                                   f"2-norm of a zero vector (output element {o})",
                                   clarke="unit ball", complete=False, weight=m))
+        elif ordv in (1, 1.0):
+            # ||x||_1 = sum |x_i|: each zero element is an abs kink, slope -1 or +1
+            for e in members[np.abs(vals) <= tol]:
+                opts = [Option("left", [[(0, int(e), -1.0)]], ("l1", -1.0)),
+                        Option("right", [[(0, int(e), 1.0)]], ("l1", 1.0))]
+                sites.append(Site(node_i, ("e", int(e), o), "kink", opts,
+                                  f"1-norm with input element {int(e)} = 0 (output element {o})",
+                                  clarke=(-1.0, 1.0)))
         elif np.any(np.abs(vals) <= tol) or (ordv in (math.inf, -math.inf) and len(np.unique(np.abs(vals))) < len(vals)):
             sites.append(Site(node_i, ("n", o), "unsupported", [Option("framework", [], None)],
                               f"norm with ord={ordv} at a zero or tied element (output element {o}); "
@@ -346,10 +354,15 @@ def norm_apply(choices, x, tans, outs, out_tans, k, slices):
     size = _flat(outs[0]).size
     t_out = _tan2d(out_tans[0], k, size).copy()
     for site, opt in choices:
-        o = site.key[1]
-        members = slices[o]
         if opt.data is None:
             continue
+        if opt.data[0] == "l1":  # framework's slope at 0 is sign(0) = 0: add the chosen one
+            e, o = site.key[1], site.key[2]
+            if t_in is not None:
+                t_out[:, o] += opt.data[1] * t_in[:, e]
+            continue
+        o = site.key[1]
+        members = slices[o]
         if opt.data[0] == "e":
             u = np.zeros(len(members))
             u[opt.data[1]] = opt.data[2]

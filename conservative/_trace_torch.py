@@ -114,7 +114,10 @@ def trace(f: Callable, xs: tuple) -> Graph:
             if n.target is operator.getitem:
                 env[n] = env[n.args[0]][n.args[1]]
                 continue
-            _add_call(graph, n, env, next_id)
+            if str(n.target) == "aten.clamp.Tensor":
+                _add_clamp_tensor(graph, n, env, next_id)
+                continue
+            _add_call(graph, n, env, next_id, gm)
         elif n.op == "output":
             outs = pytree.tree_leaves(n.args[0])
             for o in outs:
@@ -133,8 +136,38 @@ def _positional(f, n):
     return g
 
 
-def _add_call(graph: Graph, n, env, next_id) -> None:
+def _add_clamp_tensor(graph: Graph, n, env, next_id) -> None:
+    """clamp(x, lo, hi) with tensor bounds = minimum(maximum(x, lo), hi)."""
+    x = n.args[0]
+    lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")
+    hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max")
+    meta = n.meta["val"]
+    cur = env[x]
+    for bound, op, rule in ((lo, torch.ops.aten.maximum.default, "maximum"), (hi, torch.ops.aten.minimum.default, "minimum")):
+        if bound is None:
+            continue
+        out = _var_for(meta, next_id)
+        flat, spec = pytree.tree_flatten(((x, bound), {}))
+        graph.nodes.append(Node(prim=str(op), inputs=(cur, env[bound]), outputs=(out,), params={},
+                                payload=(op, flat, spec, [0, 1]), rule=rule,
+                                location=f"{n.name} = aten.clamp.Tensor(...) [{rule} part]", origin="clamp"))
+        cur = out
+    env[n] = cur
+
+
+def _add_call(graph: Graph, n, env, next_id, gm=None) -> None:
     op = n.target
+    if hasattr(op, "_schema") and op._schema.is_mutable and op._schema.name.endswith("_"):
+        # an in-place op functionalization left on a fresh tensor: use its out-of-place
+        # twin, unless the mutated tensor is read again afterwards
+        base = op._schema.name.split("::")[-1][:-1]
+        twin = getattr(getattr(torch.ops.aten, base, None), op._overloadname, None)
+        src = n.args[0] if n.args else None
+        later = [u for u in getattr(src, "users", {}) if u is not n and _after(u, n)]
+        if twin is None or later:
+            graph.unsupported.append(f"{op} (in-place on a tensor read again)")
+        else:
+            op = twin
     flat, spec = pytree.tree_flatten((n.args, n.kwargs))
     inputs = []
     slots = []  # positions in flat that are fx nodes
@@ -184,6 +217,16 @@ def _add_call(graph: Graph, n, env, next_id) -> None:
         elif base not in _SMOOTH and float_in:
             graph.unsupported.append(name)
     graph.nodes.append(node)
+
+
+def _after(a, b) -> bool:
+    """Whether fx node ``a`` comes after ``b`` in the graph."""
+    node = b.next
+    while node is not None and node.op != "root":
+        if node is a:
+            return True
+        node = node.next
+    return False
 
 
 def _attach_rule(node: Node, rule, params) -> None:

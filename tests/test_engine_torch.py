@@ -399,3 +399,25 @@ def test_budget_exceeded_is_honest():
     # engine may still certify by non-finite AD only; here it must stay UNDECIDED
     assert a.verdict is Verdict.UNDECIDED
     assert "exact_budget" in a.reason
+
+
+def test_clamp_with_tensor_bounds_and_nn_module():
+    lo, hi = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    a = audit(lambda x: torch.clamp(x, lo, hi), t64(0.0))
+    assert a.verdict is Verdict.CLARKE and as_set(a.b_subdifferential) == {(0.0,), (1.0,)}
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        net[0].bias.zero_()
+    b = audit(net, torch.zeros(2, dtype=torch.float64))  # every hidden unit at its kink
+    assert b.exact and len(b.active_kinks) == 3
+    W1, W2 = net[0].weight.detach().numpy(), net[2].weight.detach().numpy()
+    rng = np.random.default_rng(0)
+    sampled = as_set(W2 @ np.diag((W1 @ d > 0).astype(float)) @ W1 for d in rng.standard_normal((400, 2)))
+    assert sampled <= as_set(b.b_subdifferential)
+
+
+def test_one_norm_and_x_sign_x():
+    a = audit(lambda x: torch.linalg.vector_norm(x, ord=1).reshape(1), t64(0.0, 0.0))
+    assert a.exact and as_set(a.b_subdifferential) == {(s, u) for s in (-1.0, 1.0) for u in (-1.0, 1.0)}
+    b = audit(lambda x: x * torch.sign(x), t64(0.0))  # = |x|: sign jumps, the product does not
+    assert b.verdict is Verdict.CLARKE and as_set(b.b_subdifferential) == {(-1.0,), (1.0,)}
