@@ -6,7 +6,8 @@ type of ``z0`` picks the backend):
 - ``fixed_point``, ``root``: batched Picard / Anderson / Broyden solves returning ``SolveInfo``.
 - ``implicit_fixed_point``, ``implicit_root``: differentiable solutions with backward modes
   ``implicit``, ``phantom``, ``jfb``, ``unroll``.
-- ``DEQ``, ``EquilibriumCell``, ``ImplicitModel`` (torch ``nn.Module``); ``deq`` (jax, pure function).
+- ``DEQ``, ``EquilibriumCell``, ``ImplicitModel`` (torch ``nn.Module``); ``deq``, ``implicit_model``
+  (jax, pure functions); ``project_rows_l1``, ``pf_eigenvalue`` (well-posedness).
 - ``check_invertibility``, ``implicit_jacobian_set``, ``audit_implicit``: the nonsmooth implicit
   function theorem (Bolte, Le, Pauwels, Silveti-Falls 2021): is *every* element of the
   conservative Jacobian of ``F`` in ``z`` invertible, and what set does the solution map's
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-from ._api import fixed_point, implicit_fixed_point, implicit_root, root
+from ._api import fixed_point, implicit_fixed_point, implicit_root, project_rows_l1, root
 from ._info import ConvergenceError, ConvergenceWarning, ImplicitStats, SolveInfo
 from ._invertibility import (
     ElementwiseLayer,
@@ -33,8 +34,8 @@ _LAZY = {
     "DEQ": "._torch_implicit",
     "EquilibriumCell": "._torch_implicit",
     "ImplicitModel": "._torch_implicit",
-    "project_rows_l1": "._torch_implicit",
     "deq": "._jax_implicit",
+    "implicit_model": "._jax_implicit",
 }
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ImplicitAudit",
     "audit_implicit",
     "pf_eigenvalue",
+    "project_rows_l1",
     *_LAZY,
 ]
 

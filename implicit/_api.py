@@ -129,3 +129,20 @@ def implicit_root(F, z0, *args, **options):
 def _check_callable(f, name):
     if not callable(f):
         raise TypeError(f"{name} must be callable; got {type(f).__name__}")
+
+
+def project_rows_l1(A, kappa: float):
+    """Project each row of ``A`` (torch or jax) onto the l1 ball of radius ``kappa``, so that
+    ``|A|_inf <= kappa``: the convex well-posedness constraint of implicit models.
+
+    Example:
+        >>> import torch
+        >>> from nonsmooth.implicit import project_rows_l1
+        >>> project_rows_l1(torch.tensor([[3.0, -1.0]]), 1.0).abs().sum().item()
+        1.0
+    """
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not kappa > 0:
+        raise ValueError(f"kappa must be a number > 0; got {kappa!r}")
+    if getattr(A, "ndim", None) != 2:
+        raise ValueError(f"A must be a matrix; got shape {getattr(A, 'shape', type(A).__name__)}")
+    return _adapter(A).project_rows_l1(A, float(kappa))

@@ -55,8 +55,8 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     def call(z, prm):
         return f_conv(z, *prm[1], *prm[0])  # closure_convert appends the hoisted constants
 
-    def forward_solve(prm):
-        z, info = solve(lambda z: call(z, prm), z0, opts, batched=batched, residual_sign=residual_sign)
+    def forward_solve(prm, start=z0):
+        z, info = solve(lambda z: call(z, prm), start, opts, batched=batched, residual_sign=residual_sign)
         return jax.lax.stop_gradient(z), info
 
     if backward in ("jfb", "phantom"):
@@ -71,16 +71,17 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
 
     bopts = _backward_options(opts, backward_solver, backward_tol, backward_max_iter)
 
+    # z0 is an explicit argument: under jit it is a tracer, which custom_vjp must not close over
     @jax.custom_vjp
-    def layer(prm):
-        return forward_solve(prm)
+    def layer(prm, start):
+        return forward_solve(prm, start)
 
-    def layer_fwd(prm):
-        z, info = forward_solve(prm)
-        return (z, info), (z, prm)
+    def layer_fwd(prm, start):
+        z, info = forward_solve(prm, start)
+        return (z, info), (z, prm, start)
 
     def layer_bwd(res, cot):
-        z, prm = res
+        z, prm, start = res
         g = cot[0]
         _, vjp_z = jax.vjp(lambda zz: call(zz, prm), z)
         if backward_solver == "gmres":
@@ -91,10 +92,10 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
         if on_backward is not None:
             jax.debug.callback(lambda i: on_backward(i), binfo)
         _, vjp_p = jax.vjp(lambda p: call(z, p), prm)
-        return vjp_p(u)
+        return vjp_p(u)[0], jnp.zeros_like(start)
 
     layer.defvjp(layer_fwd, layer_bwd)
-    z, info = layer(params)
+    z, info = layer(params, z0)
     finish(info, opts.on_failure, what)
     return z, info
 
@@ -159,3 +160,55 @@ def deq(f, *, state_shape=None, with_info: bool = False, method: str = "anderson
         return (z, info) if with_info else z
 
     return layer
+
+
+def _activation(name):
+    if isinstance(name, str) and name.startswith("leaky_relu"):
+        slope = float(name.split(":")[1]) if ":" in name else 0.01
+        return lambda t: jax.nn.leaky_relu(t, slope)
+    table = {"relu": jax.nn.relu, "abs": jnp.abs, "hardtanh": lambda t: jnp.clip(t, -1.0, 1.0), "tanh": jnp.tanh,
+             "identity": lambda t: t}
+    if name not in table:
+        raise ValueError(f"activation must be one of relu, leaky_relu[:slope], abs, hardtanh, tanh, identity; got {name!r}")
+    return table[name]
+
+
+def implicit_model(params, u, *, activation: str = "relu", with_info: bool = False, **options):
+    """El Ghaoui implicit model for jax: ``x = act(A x + B u)``, ``y = C x + D u``.
+
+    ``params`` is a dict with ``A`` (n, n), ``B`` (n, p), ``C`` (q, n), ``D`` (q, p); ``u`` is
+    ``(batch, p)``.  Differentiated implicitly (``options`` as in ``deq``); keep it well posed
+    with ``project_rows_l1(params["A"], kappa)`` after each step (``pf_eigenvalue(A) < 1``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from nonsmooth.implicit import implicit_model
+        >>> p = {"A": 0.3 * jnp.eye(2), "B": jnp.ones((2, 1)), "C": jnp.ones((1, 2)), "D": jnp.zeros((1, 1))}
+        >>> y = implicit_model(p, jnp.ones((1, 1)), tol=1e-8)   # x = relu(0.3 x + 1) = 1/0.7 per unit
+        >>> round(float(y[0, 0]), 4)
+        2.8571
+    """
+    for key in ("A", "B", "C", "D"):
+        if key not in params:
+            raise ValueError(f"params must hold A, B, C and D; missing {key!r}")
+    act = _activation(activation)
+    if not hasattr(u, "ndim") or u.ndim != 2 or u.shape[0] == 0:
+        raise ValueError(f"u must be a non-empty (batch, in_features) array; got {getattr(u, 'shape', u)!r}")
+    layer = deq(lambda p, x, uu: act(x @ p["A"].T + uu @ p["B"].T), state_shape=(params["A"].shape[0],),
+                with_info=True, **options)
+    x, info = layer(params, u)
+    y = x @ params["C"].T + u @ params["D"].T
+    return (y, info) if with_info else y
+
+
+def project_rows_l1(A, kappa: float):
+    """Euclidean projection of each row of ``A`` onto the l1 ball of radius ``kappa`` (jax)."""
+    absA = jnp.abs(A)
+    srt = -jnp.sort(-absA, axis=1)
+    cums = jnp.cumsum(srt, 1) - kappa
+    idx = jnp.arange(1, A.shape[1] + 1, dtype=A.dtype)
+    cond = srt - cums / idx > 0
+    rho = jnp.argmax(jnp.cumsum(cond.astype(jnp.int32), 1), axis=1)
+    theta = jnp.take_along_axis(cums, rho[:, None], 1) / (rho[:, None] + 1).astype(A.dtype)
+    proj = jnp.sign(A) * jnp.maximum(absA - theta, 0.0)
+    return jnp.where((absA.sum(1) <= kappa)[:, None], A, proj)

@@ -8,6 +8,8 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 from nonsmooth.implicit import (  # noqa: E402
+    implicit_model,
+    project_rows_l1,
     ConvergenceError,
     ConvergenceWarning,
     deq,
@@ -173,3 +175,26 @@ def test_bad_input():
         fixed_point(lambda z: z[:, :1], jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="backward must be one of"):
         deq(lambda p, z, x: z, backward="adjoint")
+
+
+def test_implicit_model_matches_its_equation_and_torch(x64):
+    torch = pytest.importorskip("torch")
+    from nonsmooth.implicit import ImplicitModel
+
+    torch.manual_seed(0)
+    model = ImplicitModel(3, 8, 2, kappa=0.9, dtype=torch.float64, tol=1e-12)
+    u = torch.randn(4, 3, dtype=torch.float64)
+    y_t = model(u)
+    y_t.sum().backward()
+    params = {k: jnp.asarray(getattr(model, k).detach().numpy()) for k in "ABCD"}
+    uj = jnp.asarray(u.numpy())
+    loss = jax.jit(lambda p: jnp.sum(implicit_model(p, uj, tol=1e-12)))
+    np.testing.assert_allclose(float(loss(params)), float(y_t.sum()), rtol=1e-12)
+    g = jax.grad(loss)(params)
+    for k in "ABCD":
+        np.testing.assert_allclose(np.asarray(g[k]), getattr(model, k).grad.numpy(), rtol=1e-8, atol=1e-10)
+    A = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6)) * 2)
+    np.testing.assert_allclose(np.asarray(project_rows_l1(A, 0.9)),
+                               project_rows_l1(torch.tensor(np.asarray(A)), 0.9).numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="missing 'D'"):
+        implicit_model({k: params[k] for k in "ABC"}, uj)
