@@ -7,7 +7,6 @@ leave a ``jit``).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import numpy as np
@@ -140,10 +139,6 @@ def handle_failure(info: SolveInfo, on_failure: str, what: str = "solve") -> Non
     import warnings
 
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
-
-
-def dumps(info: SolveInfo) -> str:
-    return json.dumps(info.to_json())
 
 
 class ImplicitStats:

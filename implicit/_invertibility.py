@@ -57,7 +57,7 @@ class _Act:
             raise ValueError(f"activation must be one of relu, leaky_relu[:slope], abs, hardtanh, tanh, identity; "
                              f"got {name!r}")
         ends = [abs(v) for _, lo, hi in self.kinks for v in (lo, hi)]
-        self.lipschitz = max(ends) if ends else (1.0 if name in ("tanh", "identity") else 1.0)
+        self.lipschitz = max(ends) if ends else 1.0  # tanh and identity are 1-Lipschitz
 
     def box(self, pre: np.ndarray, kink_tol: float):
         """Per coordinate: (lo, hi, active) with lo == hi == derivative where smooth."""

@@ -81,7 +81,8 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
             u, binfo = gmres(lambda v: v - vjp(v), grad, tol=bopts.tol, max_iter=bopts.max_iter,
                              stop=bopts.stop, batched=batched)
         else:
-            u, binfo = solve(lambda v: grad + vjp(v), grad, bopts, batched=batched, what="implicit backward")
+            u, binfo = solve(lambda v: grad + vjp(v), grad, bopts, batched=batched, what="implicit backward",
+                             state_name="the incoming gradient")
         stats._record_backward(binfo)
         handle_failure(binfo, bopts.on_failure, "implicit backward")
         return u

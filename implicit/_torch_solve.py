@@ -33,13 +33,14 @@ def _layout(z0, batched):
     return batched, batch
 
 
-def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.0, what: str = "fixed_point"):
+def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.0, what: str = "fixed_point",
+          state_name: str = "z0"):
     """Iterate ``z <- f(z)`` with ``opts.method`` until each sample's residual meets ``opts.tol``.
 
     Returns ``(z, SolveInfo)`` without applying ``opts.on_failure`` (callers do).  Runs under
     whatever grad mode the caller set, so it can be differentiated (unroll).
     """
-    check_state(z0)
+    check_state(z0, state_name)
     batched, batch = _layout(z0, batched)
     shape = z0.shape
     dtype = z0.dtype
