@@ -29,6 +29,7 @@ def _torch_rows(quick, out):
     import torch
 
     from nonsmooth.solvers import argmax_onehot, perturbed, topk_mask
+    from nonsmooth.solvers._combinatorial_common import validated_inputs
 
     single_thread()
     gen = torch.Generator().manual_seed(0)
@@ -48,7 +49,8 @@ def _torch_rows(quick, out):
             E.clamp_(min=tiny)
             torch.log(E, out=E).neg_()
             torch.log(E, out=E)  # Gumbel Z = -log(-log U)
-            solver(E.mul_(-SIGMA).add_(theta.detach()))
+            with validated_inputs():  # as inside the layer: no second finiteness scan
+                solver(E.mul_(-SIGMA).add_(theta.detach()))
 
         t = interleaved({"ours": ours, "floor": floor}, repeats=5 if quick else 25)
         rows.append(["torch", name, fmt_seconds(t["ours"]), fmt_seconds(t["floor"]),

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ._combinatorial_common import validated_inputs
 from ._perturbed import PerturbedLayer, check_samples
 
 
@@ -82,7 +83,8 @@ def perturbed_jax(layer: PerturbedLayer, theta, key):
     P = base + layer.sigma * Z
     if layer.control_variate:
         P = jnp.concatenate([P, base[None]], axis=0)
-    Y = layer.solver(P)
+    with validated_inputs():
+        Y = layer.solver(P)
     if not isinstance(Y, jax.Array):
         raise TypeError(f"the solver returned {type(Y).__name__} for a jax input; "
                         "it must return a jax array")

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ._combinatorial_common import validated_inputs
 from ._perturbed import PerturbedLayer, check_samples
 
 
@@ -42,7 +43,8 @@ class _PerturbedFunction(torch.autograd.Function):
     def forward(ctx, theta, layer, generator):
         N = layer.num_samples
         P, score = draw_noise(layer, theta.detach(), generator)
-        Y = layer.solver(P)
+        with validated_inputs():
+            Y = layer.solver(P)
         if not isinstance(Y, torch.Tensor):
             raise TypeError(f"the solver returned {type(Y).__name__} for a torch input; "
                             "it must return a torch tensor")
