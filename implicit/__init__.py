@@ -65,7 +65,7 @@ def pf_eigenvalue(A) -> float:
 
     Example:
         >>> import numpy as np
-        >>> pf_eigenvalue(np.array([[0.0, -0.5], [0.5, 0.0]]))
+        >>> round(pf_eigenvalue(np.array([[0.0, -0.5], [0.5, 0.0]])), 12)
         0.5
     """
     from ._invertibility import pf_eigenvalue as _pf

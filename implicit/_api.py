@@ -25,7 +25,9 @@ def fixed_point(f, z0, *, method: str = "anderson", tol: float = 1e-6, max_iter:
     ``|f(z) - z| <= tol``; ``atol`` is an absolute floor for either.  Failure to converge is
     reported by ``on_failure`` ("warn", "raise" or "ignore") and the smallest-residual iterate
     is returned; NaN/inf iterates raise ``FloatingPointError``.  Not differentiable: use
-    ``implicit_fixed_point`` for gradients.  With jax it runs under ``jit``/``vmap``.
+    ``implicit_fixed_point`` for gradients.  With jax it runs under ``jit``/``vmap``; there the
+    failure policy runs in a host callback, so ``"raise"`` and NaN/inf surface as a runtime error
+    of that callback (eager calls raise directly).
 
     Example:
         >>> import torch

@@ -81,7 +81,7 @@ def audit_implicit(layer, x, *, max_samples: int = 4, rtol: float | None = None,
     Example:
         >>> import torch
         >>> from nonsmooth.implicit import DEQ, EquilibriumCell, audit_implicit
-        >>> torch.manual_seed(0); layer = DEQ(EquilibriumCell(3, 6), state_shape=(6,), tol=1e-10).double()
+        >>> _ = torch.manual_seed(0); layer = DEQ(EquilibriumCell(3, 6), state_shape=(6,), tol=1e-10).double()
         >>> audit_implicit(layer, torch.randn(2, 3, dtype=torch.float64)).to_json()["verdict"]
         'SMOOTH'
     """

@@ -187,7 +187,7 @@ class DEQ(torch.nn.Module, _SolverConfig):
     Example:
         >>> import torch
         >>> from nonsmooth.implicit import DEQ, EquilibriumCell
-        >>> torch.manual_seed(0); layer = DEQ(EquilibriumCell(3, 5), state_shape=(5,), tol=1e-8)
+        >>> _ = torch.manual_seed(0); layer = DEQ(EquilibriumCell(3, 5), state_shape=(5,), tol=1e-8)
         >>> x = torch.randn(4, 3)
         >>> z = layer(x)
         >>> bool(torch.allclose(z, layer.f(z, x), atol=1e-5)), layer.last_stats.forward.all_converged
@@ -254,7 +254,7 @@ class ImplicitModel(torch.nn.Module, _SolverConfig):
     Example:
         >>> import torch
         >>> from nonsmooth.implicit import ImplicitModel
-        >>> torch.manual_seed(0); model = ImplicitModel(4, 16, 3)
+        >>> _ = torch.manual_seed(0); model = ImplicitModel(4, 16, 3)
         >>> model(torch.randn(5, 4)).shape, model.pf_eigenvalue() < 1
         (torch.Size([5, 3]), True)
     """
