@@ -185,6 +185,38 @@ def _rows_of(a: np.ndarray, shape, name: str) -> np.ndarray:
     return buf
 
 
+def _resolve_pooled_sort(y, w, block, *, regularization: str, strength: float) -> None:
+    """Recompute soft sort on pooled blocks without forming ``rho / eps - w``.
+
+    When ``n / eps`` dwarfs the values, ``s - w`` keeps only the top bits of ``w``. On a
+    block ``B = [a, a + L)`` the exact output is ``mean_B(w) + (a + (L - 1)/2 - i)/eps``
+    (L2) or ``lse_B(w) - (i - a)/eps - log(1 - e^(-L/eps)) + log(1 - e^(-1/eps))`` (KL):
+    ``s`` is an arithmetic sequence, so its block mean / logsumexp has a closed form.
+    Written into ``y`` in place, in float64, for the pooled elements only.
+    """
+    rows, n = y.shape
+    start = block == np.arange(n, dtype=block.dtype)
+    last = np.empty_like(start)
+    last[:, :-1] = start[:, 1:]
+    last[:, -1] = True
+    members = np.flatnonzero(~(start & last))
+    if len(members) == 0:
+        return
+    starts, counts = _segments(start.reshape(-1)[members])
+    length = np.repeat(counts, counts).astype(np.float64)
+    offset = (members % n - block.reshape(-1)[members]).astype(np.float64)  # i - a
+    wm = w.reshape(-1)[members].astype(np.float64)
+    if regularization == "l2":
+        base = np.repeat(np.add.reduceat(wm, starts) / counts, counts)
+        out = base + ((length - 1.0) / 2.0 - offset) / strength
+    else:
+        top = np.repeat(wm[starts], counts)  # w sorted descending: the block maximum
+        lse = top + np.log(np.repeat(np.add.reduceat(np.exp(wm - top), starts), counts))
+        out = (lse - offset / strength - np.log(-np.expm1(-length / strength))
+               + math.log(-math.expm1(-1.0 / strength)))
+    y.reshape(-1)[members] = out
+
+
 def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: float,
                  descending: bool):
     """Soft sort/rank of every row of a finite, C-contiguous float32/float64 (R, n) array.
@@ -231,6 +263,9 @@ def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: floa
     # w + ((s - w) - v): a singleton block has v == s - w bit for bit, so it returns w.
     y -= v
     y += w
+    if op == "sort" and n > 1 and n / strength > 16.0 * max(
+            float(np.abs(u[:, 0]).max()), float(np.abs(u[:, -1]).max())):
+        _resolve_pooled_sort(y, u, block, regularization=regularization, strength=strength)
     if op == "rank":
         out = np.empty_like(x2)
         out.reshape(-1)[flat.reshape(-1)] = y.reshape(-1)

@@ -53,6 +53,31 @@ def test_values_match_the_permutahedron_projection(op, reg, direction, eps):
         np.testing.assert_allclose(got, oracle(x, reg, eps, direction), atol=2e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("reg", REGS)
+def test_pooled_sort_blocks_recomputed_in_closed_form_match_the_projection(reg):
+    # n / eps > 16 max|x| with a gap > 1 / eps: the pooled-block closed forms kick in.
+    x = np.array([0.6, -0.6, 0.61, -0.61, 0.62, -0.62, 0.59, -0.59, 0.58, -0.58])
+    _, _, block = core.forward_rows(x[None], op="sort", regularization=reg, strength=1.0,
+                                    descending=True)
+    assert len(set(block[0].tolist())) < len(x)
+    for direction in DIRS:
+        got = soft_sort(x, regularization=reg, direction=direction)
+        np.testing.assert_allclose(got, soft_sort_oracle(x, reg, 1.0, direction), atol=2e-6)
+
+
+def test_float32_sort_keeps_float32_accuracy_when_rho_over_eps_dwarfs_the_values():
+    # rho / eps ~ 1e7 here; forming rho / eps - x in float32 would keep ~3 digits of x.
+    x = (np.random.default_rng(12).normal(size=(2, 4000)) * 1e4).astype(np.float32)
+    for reg in REGS:
+        got = soft_sort(x, regularization=reg, regularization_strength=1e-3)
+        want = soft_sort(x.astype(np.float64), regularization=reg,
+                         regularization_strength=1e-3)
+        np.testing.assert_allclose(got, want, rtol=3e-7, atol=3e-7 * np.abs(want).max())
+        _, _, block = core.forward_rows(x, op="sort", regularization=reg, strength=1e-3,
+                                        descending=False)
+        assert any(len(set(r)) < x.shape[1] for r in block.tolist())
+
+
 def test_batches_are_independent_rows():
     x = np.random.default_rng(0).normal(size=(2, 3, 7))
     for op, reg, direction in CASES:
