@@ -20,7 +20,7 @@ def fixed_point(f, z0, opts: SolverOptions, *, batched=None):
 
 def root(F, z0, opts: SolverOptions, *, batched=None):
     check_state(z0)
-    z, info = solve(lambda z: z - F(z), jax.lax.stop_gradient(z0), opts, batched=batched, residual_sign=-1.0)
+    z, info = solve(lambda z: z - F(z), jax.lax.stop_gradient(z0), opts, batched=batched)
     finish(info, opts.on_failure, "root")
     return jax.lax.stop_gradient(z), info
 
@@ -36,7 +36,7 @@ def _backward_options(opts, backward_solver, backward_tol, backward_max_iter):
 
 def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit", backward_solver=None,
                          backward_tol=None, backward_max_iter=None, phantom_steps=5, phantom_damping=0.5,
-                         batched=None, on_backward=None, residual_sign=1.0, what="implicit_fixed_point"):
+                         batched=None, on_backward=None, what="implicit_fixed_point"):
     backward_solver = opts.method if backward_solver is None else backward_solver
     check_backward(backward, backward_solver, phantom_steps, phantom_damping)
     check_state(z0)
@@ -44,7 +44,7 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     z0 = jax.lax.stop_gradient(z0)
 
     if backward == "unroll":
-        z, info = solve(lambda z: f(z, *args), z0, opts, batched=batched, residual_sign=residual_sign, unroll=True)
+        z, info = solve(lambda z: f(z, *args), z0, opts, batched=batched, unroll=True)
         finish(info, opts.on_failure, what)
         return z, info
 
@@ -56,7 +56,7 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
         return f_conv(z, *prm[1], *prm[0])  # closure_convert appends the hoisted constants
 
     def forward_solve(prm, start=z0):
-        z, info = solve(lambda z: call(z, prm), start, opts, batched=batched, residual_sign=residual_sign)
+        z, info = solve(lambda z: call(z, prm), start, opts, batched=batched)
         return jax.lax.stop_gradient(z), info
 
     if backward in ("jfb", "phantom"):

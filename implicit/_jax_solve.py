@@ -39,7 +39,7 @@ def _layout(z0, batched):
     return (z0.shape[0] if batched else 1)
 
 
-def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.0, unroll: bool = False):
+def solve(f, z0, opts: SolverOptions, *, batched=None, unroll: bool = False):
     """Returns ``(z, SolveInfo)``; never raises on failure (see ``finish``)."""
     shape = z0.shape
     dtype = z0.dtype
@@ -85,8 +85,7 @@ def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.
         fz = jnp.where(jnp.isfinite(fz), fz, z)  # keep the arithmetic finite; the flag stops the loop
         g = fz - z
         absr = jnp.sqrt(jnp.sum(g * g, 1))
-        denom_vec = fz if residual_sign > 0 else z - g
-        rel = absr / (jnp.sqrt(jnp.sum(denom_vec * denom_vec, 1)) + tiny)
+        rel = absr / (jnp.sqrt(jnp.sum(fz * fz, 1)) + tiny)
         res = rel if opts.stop == "rel" else absr
         fin_res = jnp.where(active, res, st["fin_res"])
         fin_abs = jnp.where(active, absr, st["fin_abs"])

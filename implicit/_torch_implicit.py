@@ -19,14 +19,14 @@ def fixed_point(f, z0, opts: SolverOptions, *, batched=None):
 def root(F, z0, opts: SolverOptions, *, batched=None):
     check_state(z0)
     with torch.no_grad():
-        z, info = solve(lambda z: z - F(z), z0.detach(), opts, batched=batched, residual_sign=-1.0, what="root")
+        z, info = solve(lambda z: z - F(z), z0.detach(), opts, batched=batched, what="root")
     handle_failure(info, opts.on_failure, "root")
     return z, info
 
 
 def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit", backward_solver=None,
                          backward_tol=None, backward_max_iter=None, phantom_steps=5, phantom_damping=0.5,
-                         batched=None, residual_sign=1.0, what="implicit_fixed_point"):
+                         batched=None, what="implicit_fixed_point"):
     backward_solver = opts.method if backward_solver is None else backward_solver
     check_backward(backward, backward_solver, phantom_steps, phantom_damping)
     check_state(z0)
@@ -38,12 +38,12 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
         return f(z, *args)
 
     if backward == "unroll":
-        z, info = solve(bound, z0, opts, batched=batched, residual_sign=residual_sign, what=what)
+        z, info = solve(bound, z0, opts, batched=batched, what=what)
         handle_failure(info, opts.on_failure, what)
         return z, ImplicitStats(info, backward)
 
     with torch.no_grad():
-        z_star, info = solve(bound, z0.detach(), opts, batched=batched, residual_sign=residual_sign, what=what)
+        z_star, info = solve(bound, z0.detach(), opts, batched=batched, what=what)
     handle_failure(info, opts.on_failure, what)
     stats = ImplicitStats(info, backward)
     if not torch.is_grad_enabled():
@@ -183,6 +183,8 @@ class DEQ(torch.nn.Module, _SolverConfig):
     ``f`` is an ``nn.Module`` (or callable) taking ``(z, x)`` with a leading batch dimension.
     ``state_shape`` is the per-sample shape of ``z`` (default: the shape of ``x``).  Statistics
     of the last call are in ``last_stats`` (forward and, after ``backward()``, backward solve).
+    ``forward(x, z0=None, *, backward=None)``: ``z0`` warm-starts the solve; ``backward``
+    overrides the backward mode for one call (e.g. ``"unroll"`` to compare).
 
     Example:
         >>> import torch

@@ -33,7 +33,7 @@ def _layout(z0, batched):
     return batched, batch
 
 
-def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.0, what: str = "fixed_point",
+def solve(f, z0, opts: SolverOptions, *, batched=None, what: str = "fixed_point",
           state_name: str = "z0"):
     """Iterate ``z <- f(z)`` with ``opts.method`` until each sample's residual meets ``opts.tol``.
 
@@ -93,7 +93,7 @@ def solve(f, z0, opts: SolverOptions, *, batched=None, residual_sign: float = 1.
             )
         g = fz - z
         absr = torch.linalg.vector_norm(g, dim=1)
-        rel = absr / (torch.linalg.vector_norm(fz if residual_sign > 0 else z - g, dim=1) + tiny)
+        rel = absr / (torch.linalg.vector_norm(fz, dim=1) + tiny)
         res = rel if opts.stop == "rel" else absr
         fin_res = torch.where(active, res, fin_res)
         fin_abs = torch.where(active, absr, fin_abs)
