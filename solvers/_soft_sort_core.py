@@ -125,6 +125,8 @@ _tls = threading.local()
 
 
 def _scratch(name: str, shape, dtype) -> np.ndarray:
+    if shape[0] * shape[-1] < 1 << 15:  # small: malloc is cheap and never page-faults
+        return np.empty(shape, dtype)
     cache = getattr(_tls, "buffers", None)
     if cache is None:
         cache = _tls.buffers = {}

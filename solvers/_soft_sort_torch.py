@@ -29,7 +29,9 @@ def _host_rows(t: torch.Tensor):
 
 
 def _to_device(array, like: torch.Tensor) -> torch.Tensor:
-    t = torch.from_numpy(array).reshape(like.shape)
+    t = torch.from_numpy(array)
+    if t.shape != like.shape:
+        t = t.reshape(like.shape)
     return t.to(like.device) if like.device.type != "cpu" else t
 
 
