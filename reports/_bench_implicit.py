@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ._suite import Table
 from ._timing import fmt_seconds, interleaved, single_thread
 
@@ -104,6 +106,35 @@ def run(*, quick: bool = False, out=print) -> list:
 
         candidates["torchdeq"] = fwd_torchdeq
 
+    jax_fwd, jax_tot = {}, {}
+    jax_note = ""
+    try:
+        import os
+        import sys
+
+        if "jax" not in sys.modules:  # one thread for XLA too, as for torch (must precede the import)
+            os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        import jax
+        import jax.numpy as jnp
+
+        from nonsmooth.implicit import deq
+    except ImportError:
+        jax = None
+        jax_note = " jax is not installed: its row is skipped."
+    if jax is not None:
+        pj = tuple(jnp.asarray(t.detach().numpy()) for t in (W, U, b))
+        xj, cj = jnp.asarray(x.numpy()), jnp.asarray(cot.numpy())
+        layer_j = deq(lambda p, z, x: jax.nn.relu(z @ p[0].T + x @ p[1].T + p[2]), state_shape=(width,),
+                      method="anderson", m=m, tol=tol, stop="abs", max_iter=max_iter, on_failure="ignore",
+                      with_info=True)
+        fwd_j = jax.jit(lambda p: layer_j(p, xj))
+        grad_j = jax.jit(jax.grad(lambda p: jnp.sum(layer_j(p, xj)[0] * cj)))
+        _, info_j = fwd_j(pj)
+        sj = np.asarray(info_j.steps)
+        steps["nonsmooth jax (jit)"] = (float(sj.mean()), int(sj.max()), bool(np.asarray(info_j.converged).all()))
+        jax_fwd["nonsmooth jax (jit)"] = lambda: jax.block_until_ready(fwd_j(pj))
+        jax_tot["nonsmooth jax (jit)"] = lambda: jax.block_until_ready(grad_j(pj))
+
     def forward_only(fn):
         def go():
             with torch.no_grad():
@@ -116,12 +147,17 @@ def run(*, quick: bool = False, out=print) -> list:
             (fn() * cot).sum().backward()
         return go
 
-    t_fwd = interleaved({k: forward_only(v) for k, v in candidates.items()}, repeats=repeats)
-    t_tot = interleaved({k: forward_backward(v) for k, v in candidates.items()}, repeats=repeats)
+    t_fwd = interleaved({**{k: forward_only(v) for k, v in candidates.items()}, **jax_fwd}, repeats=repeats)
+    t_tot = interleaved({**{k: forward_backward(v) for k, v in candidates.items()}, **jax_tot}, repeats=repeats)
     errs = {}
     for k, v in candidates.items():
         forward_backward(v)()
         errs[k] = grad_err()
+    if jax is not None:
+        gj = grad_j(pj)
+        flat = torch.cat([torch.tensor(np.asarray(a)).flatten() for a in gj])
+        errs["nonsmooth jax (jit)"] = float(torch.linalg.vector_norm(flat - g_ref) / torch.linalg.vector_norm(g_ref))
+        candidates["nonsmooth jax (jit)"] = None
     base = "nonsmooth implicit"
     rows = []
     for k in candidates:
@@ -136,6 +172,7 @@ def run(*, quick: bool = False, out=print) -> list:
             "implicit solve at tol 1e-13.")
     if get_deq is None:
         note += " torchdeq is not installed (pip install torchdeq): its row is skipped."
+    note += jax_note
     t1 = Table(title="ReLU DEQ: forward steps, time and gradient agreement", columns=[
         "method", "fwd steps mean / max", "converged", "forward", "backward", "fwd+bwd", "time ratio",
         "max-steps ratio", "grad rel. error"], rows=rows, note=note)
