@@ -77,6 +77,9 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     def hook(grad):
         # Adjoint system u^T (I - df/dz) = g^T at z*; the graph of z = f(z*, theta) then
         # carries u to the parameters, so memory does not grow with the forward steps.
+        if torch.is_grad_enabled():  # backward(create_graph=True): the adjoint solve is not differentiable
+            raise RuntimeError("implicit backward gives first-order gradients only; for higher-order "
+                               "derivatives use backward='unroll' (or 'phantom')")
         if backward_solver == "gmres":
             u, binfo = gmres(lambda v: v - vjp(v), grad, tol=bopts.tol, max_iter=bopts.max_iter,
                              stop=bopts.stop, batched=batched)

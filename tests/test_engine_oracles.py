@@ -32,7 +32,7 @@ FAST = settings(max_examples=6, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 SMALL = settings(max_examples=4, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-SLOW = settings(max_examples=60, deadline=None, derandomize=True,
+SLOW = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
@@ -69,19 +69,24 @@ def _oracle(prog, x, need=()):
     return B
 
 
-def _check_hull(V, exact, prog, x, contains=None, label=""):
-    """Every sampled element in the engine's hull; when exact, every engine vertex sampled."""
+def _check_hull(V, exact, prog, x, contains=None, label="", require=True):
+    """Engine elements are sampled B elements; when exact, every sampled element is in the engine's hull.
+
+    Without exactness the engine's set is an inner approximation, so only the first half holds.
+    """
     m, n = prog.n_out, prog.n_in
-    V = _flat(V, m, n)
-    assert V.shape[0] >= 1, label
-    B = _oracle(prog, x, need=V if exact else ())
-    for J in B.elements:
-        assert in_hull(V, J, tol=1e-7), (label, "sampled element outside engine hull", J, V)
-        if contains is not None:
-            assert contains(J.reshape(m, n), 1e-7), (label, "ClarkeSet.contains disagrees with the LP")
+    V = _flat(V, m, n) if len(V) else np.zeros((0, m * n))
+    if require:
+        assert V.shape[0] >= 1, label
+    B = _oracle(prog, x, need=V)
+    for v in V:
+        assert B.has(v, tol=1e-7), (label, "engine element not in the sampled B-subdifferential", v, B.elements)
     if exact:
-        for v in V:
-            assert B.has(v, tol=1e-7), (label, "engine vertex not in the sampled B-subdifferential", v, B.elements)
+        for J in B.elements:
+            assert in_hull(V, J, tol=1e-7), (label, "exact, yet a sampled element is outside the engine hull",
+                                             J, V)
+            if contains is not None:
+                assert contains(J.reshape(m, n), 1e-7), (label, "ClarkeSet.contains disagrees with the LP")
     return B
 
 
@@ -95,10 +100,14 @@ def _check_audit(prog, x, framework, seed):
     m, n = prog.n_out, prog.n_in
     f, xx = _fns(prog)[framework], _inputs(x)[framework]
     a = audit(f, xx, seed=seed % 1000)
-    B = _check_hull(a.b_subdifferential, a.exact, prog, x, label=framework)
+    B = _check_hull(a.b_subdifferential, a.exact, prog, x, label=framework,
+                    require=a.verdict is not Verdict.UNDECIDED)
     ad = _ad(framework, f, x).reshape(m, n)
     np.testing.assert_allclose(np.asarray(a.ad_jacobian, dtype=np.float64).reshape(m, n), ad, atol=1e-12)
     ad_in = in_hull(B.flat(), ad, tol=1e-7)
+    if not ad_in and a.verdict is Verdict.CLARKE:  # rule out a piece the sampling missed
+        B = sampled_b_subdifferential(prog, x, n_directions=40000, seed=2)
+        ad_in = in_hull(B.flat(), ad, tol=1e-7)
     assert a.verdict is not Verdict.NOT_LIPSCHITZ, (framework, a.explain())
     if prog.n_active_kinks(x) <= 8:  # well inside the default exact budget: the engine must decide
         assert a.verdict is not Verdict.UNDECIDED, (framework, a.reason)

@@ -239,3 +239,15 @@ def test_implicit_equals_unrolled_gradient_on_random_contractions(seed, norm, me
     (layer(x, backward="unroll") * cot).sum().backward()
     # a kink hit exactly is a measure-zero event for random data; both sides then use torch's choice
     torch.testing.assert_close(g_impl, x.grad, rtol=1e-7, atol=1e-9)
+
+
+def test_higher_order_through_implicit_backward_is_refused():
+    x = torch.tensor([[1.0]], dtype=D, requires_grad=True)
+    z, _ = implicit_fixed_point(lambda z, x: 0.5 * torch.tanh(z) + x, torch.zeros(1, 1, dtype=D), x)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(z.sum(), x, create_graph=True)
+    # unroll supports it: d2z/dx2 of z = 0.5 z + x is 0
+    z, _ = implicit_fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(1, 1, dtype=D), x, backward="unroll",
+                                tol=1e-13)
+    (g,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    assert abs(g.item() - 2.0) < 1e-9

@@ -139,7 +139,6 @@ def test_implicit_jacobian_set_scalar_closed_form_and_membership():
 
 
 def test_membership_lp_matches_sampled_selections():
-    torch = pytest.importorskip("torch")
     layer, z, kinks = _layer_with_kinks(5, 5, 2, 0.8)
     U = np.random.default_rng(9).normal(size=(5, 3))
     x = np.zeros(3)
@@ -155,7 +154,6 @@ def test_membership_lp_matches_sampled_selections():
         J = np.linalg.solve(np.eye(5) - s[:, None] * layer.W, s[:, None] * U)
         assert S.contains_vjp(g, g @ J, tol=1e-8)[0]
     assert not S.contains_vjp(g, g @ J + 0.5, tol=1e-8)[0]
-    del torch
 
 
 def test_implicit_jacobian_set_of_a_smooth_callable_is_the_ift_derivative():
