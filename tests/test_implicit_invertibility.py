@@ -207,3 +207,21 @@ def test_audit_verdicts():
     assert a.to_json()["verdict"] == "CLARKE"
     with pytest.raises(TypeError, match="DEQ or ImplicitModel"):
         audit_implicit(cell, x)
+
+
+def test_a_continuum_of_solutions_is_reported_as_singular():
+    torch = pytest.importorskip("torch")
+    from nonsmooth.implicit import fixed_point
+
+    # y = x - |y| at x = 0: every y <= 0 is a solution; two starts give two different answers
+    x = torch.zeros(1, dtype=torch.float64)
+    ys = []
+    for start in (-0.5, -2.0):
+        y, info = fixed_point(lambda y: x - torch.abs(y), torch.tensor([start], dtype=torch.float64), tol=1e-12)
+        assert info.all_converged
+        ys.append(y)
+    assert abs(ys[0].item() - ys[1].item()) > 1.0
+    F = lambda y, x: y + torch.abs(y) - x  # noqa: E731
+    for y in ys:
+        r = check_invertibility(F, y, x, use_engine=False)
+        assert r.invertible is False and r.sigma_min == 0.0  # d_y F = 0 on the whole continuum
