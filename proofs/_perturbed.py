@@ -7,6 +7,8 @@ become exponentials and logs on (0, oo), which SymPy integrates exactly.
 """
 from __future__ import annotations
 
+import functools
+
 import sympy as sp
 
 from ._certificate import Derivation, expr_text
@@ -28,12 +30,20 @@ def normal_pdf(y, sd):
     return sp.exp(-y ** 2 / (2 * sd ** 2)) / (sd * sp.sqrt(2 * sp.pi))
 
 
-def integrate_over_reals_gumbel(h, d: Derivation | None = None, label: str = ""):
-    """The integral of ``h(z)`` over the reals via the substitution u = exp(-z)."""
+@functools.lru_cache(maxsize=64)
+def _gumbel_substitution(h):
     z_of_u = -sp.log(_u)
     jac = sp.diff(z_of_u, _u)            # -1/u; the limits swap, which flips the sign back
     integrand = sp.simplify(h.subs(_z, z_of_u) * (-jac))
-    value = sp.simplify(sp.integrate(integrand, (_u, 0, sp.oo)))
+    return integrand, sp.simplify(sp.integrate(integrand, (_u, 0, sp.oo)))
+
+
+def integrate_over_reals_gumbel(h, d: Derivation | None = None, label: str = ""):
+    """The integral of ``h(z)`` over the reals via the substitution u = exp(-z).
+
+    The SymPy work is cached per integrand (the same integrals recur across proofs).
+    """
+    integrand, value = _gumbel_substitution(sp.sympify(h))
     if d is not None:
         d.step(f"{label}: with u = exp(-z) the integrand becomes {expr_text(integrand)} on (0, oo); "
                f"integral = {expr_text(value)}")
