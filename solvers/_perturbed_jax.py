@@ -28,11 +28,13 @@ def _rules(N: int, sigma: float, noise: str, control_variate: bool, event_ndim: 
         Yf = Y.reshape(Y.shape[0], B, -1)
         vf = v.reshape(B, -1)
         Sf = score.reshape(N, B, -1)
-        s = jnp.einsum("nbd,bd->nb", Sf, vf)
+        # Multiply-and-reduce rather than einsum: with the batch axis in the middle, XLA's
+        # dot would first transpose the (N, B, D) arrays; the reductions fuse instead.
+        s = jnp.sum(Sf * vf[None], axis=-1)
         if noise == "gumbel":  # score = 1 - E
             s = jnp.sum(vf, axis=-1)[None, :] - s
         Yc = Yf[:N] - Yf[N][None] if control_variate else Yf
-        dy = jnp.einsum("nbo,nb->bo", Yc, s) / (N * sigma)
+        dy = jnp.sum(Yc * s[..., None], axis=0) / (N * sigma)
         return dy.reshape(batch_shape + Y.shape[1 + len(batch_shape):])
 
     @jax.custom_jvp
