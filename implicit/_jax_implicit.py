@@ -120,7 +120,7 @@ def deq(f, *, state_shape=None, with_info: bool = False, method: str = "anderson
         max_iter: int = 100, m: int = 5, beta: float = 1.0, stop: str = "rel", atol: float = 0.0, memory=None,
         lam: float = 1e-8, on_failure: str = "warn", backward: str = "implicit", backward_solver=None,
         backward_tol=None, backward_max_iter=None, phantom_steps: int = 5, phantom_damping: float = 0.5,
-        on_backward=None):
+        on_backward=None, solver=None):
     """A deep equilibrium layer for jax: ``layer(params, x, z0=None)`` returns ``z*`` with ``z* = f(params, z*, x)``.
 
     ``x`` and ``z`` carry a leading batch dimension; each sample converges on its own
@@ -138,6 +138,10 @@ def deq(f, *, state_shape=None, with_info: bool = False, method: str = "anderson
         >>> g["W"].shape
         (3, 3)
     """
+    if solver is not None:  # another name for method, as in the torch DEQ
+        if method != "anderson" and method != solver:
+            raise ValueError(f"pass either solver= or method=, not both ({solver!r} vs {method!r})")
+        method = solver
     opts = SolverOptions(method=method, tol=tol, max_iter=max_iter, m=m, beta=beta, stop=stop, atol=atol,
                          memory=memory, lam=lam, on_failure=on_failure)
     check_backward(backward, method if backward_solver is None else backward_solver, phantom_steps,

@@ -160,6 +160,15 @@ class EquilibriumCell(torch.nn.Module):
                                 b=self.b.detach().cpu().double().numpy(), activation=self.activation)
 
 
+def _solver_alias(solver, method):
+    """``solver=`` is accepted as another name for ``method=`` (the forward solver)."""
+    if solver is None:
+        return method
+    if method != "anderson" and method != solver:
+        raise ValueError(f"pass either solver= or method=, not both ({solver!r} vs {method!r})")
+    return solver
+
+
 class _SolverConfig:
     def _configure(self, *, method, tol, max_iter, m, beta, stop, atol, memory, lam, on_failure, backward,
                    backward_solver, backward_tol, backward_max_iter, phantom_steps, phantom_damping):
@@ -186,6 +195,7 @@ class DEQ(torch.nn.Module, _SolverConfig):
     ``f`` is an ``nn.Module`` (or callable) taking ``(z, x)`` with a leading batch dimension.
     ``state_shape`` is the per-sample shape of ``z`` (default: the shape of ``x``).  Statistics
     of the last call are in ``last_stats`` (forward and, after ``backward()``, backward solve).
+    ``solver`` is another name for ``method`` (``"anderson"``, ``"broyden"``, ``"picard"``).
     ``forward(x, z0=None, *, backward=None)``: ``z0`` warm-starts the solve; ``backward``
     overrides the backward mode for one call (e.g. ``"unroll"`` to compare).
 
@@ -202,8 +212,10 @@ class DEQ(torch.nn.Module, _SolverConfig):
     def __init__(self, f, *, method: str = "anderson", tol: float = 1e-6, max_iter: int = 100, m: int = 5,
                  beta: float = 1.0, stop: str = "rel", atol: float = 0.0, memory=None, lam: float = 1e-8,
                  on_failure: str = "warn", backward: str = "implicit", backward_solver=None, backward_tol=None,
-                 backward_max_iter=None, phantom_steps: int = 5, phantom_damping: float = 0.5, state_shape=None):
+                 backward_max_iter=None, phantom_steps: int = 5, phantom_damping: float = 0.5, state_shape=None,
+                 solver=None):
         super().__init__()
+        method = _solver_alias(solver, method)
         if not callable(f):
             raise TypeError(f"f must be a callable (z, x) -> z, e.g. an nn.Module; got {type(f).__name__}")
         self.f = f

@@ -166,6 +166,9 @@ def test_deq_validates_input():
         DEQ(EquilibriumCell(3, 5), backward="adjoint")
     with pytest.raises(TypeError, match="callable"):
         DEQ(3)
+    assert DEQ(EquilibriumCell(3, 5), solver="broyden").options.method == "broyden"
+    with pytest.raises(ValueError, match="either solver= or method="):
+        DEQ(EquilibriumCell(3, 5), solver="broyden", method="picard")
     with pytest.raises(ValueError, match="args\\[0\\] contains NaN"):
         layer(torch.full((2, 3), float("nan")))
 
