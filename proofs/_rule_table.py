@@ -40,12 +40,16 @@ def load_registry():
 
 
 def _requires_holds(cond: str, params: dict) -> bool:
+    """``"NAME is not None"``, or a SymPy condition on the params such as ``"Ne(value, threshold)"``."""
     if not cond:
         return True
-    name, sep, _ = cond.partition(" is not None")
-    if not sep:
-        raise ValueError(f"unsupported 'requires' condition {cond!r}")
-    return params.get(name.strip()) is not None
+    name, sep, rest = cond.partition(" is not None")
+    if sep and not rest.strip():
+        return params.get(name.strip()) is not None
+    verdict = _declared(cond, params)
+    if verdict not in (sp.true, sp.false):
+        raise ValueError(f"the 'requires' condition {cond!r} does not decide at params {params}")
+    return verdict == sp.true
 
 
 def _exact(value):
@@ -135,10 +139,11 @@ def _check_unary(d: Derivation, rule, defn) -> None:
         for k in rule.kinks:
             if not _requires_holds(k.requires, params):
                 continue
-            ns = [None] if not k.lattice else list(defn.lattice)
-            if k.lattice and k.lattice != "integers":
-                d.fail(f"{rule.name}: unsupported lattice {k.lattice!r}")
+            lattices = {"integers": list(defn.lattice), "nonzero_integers": [n for n in defn.lattice if n != 0]}
+            if k.lattice and k.lattice not in lattices:
+                d.fail(f"{rule.name}: unsupported lattice {k.lattice!r} (known: {sorted(lattices)})")
                 continue
+            ns = [None] if not k.lattice else lattices[k.lattice]
             if k.lattice and not ns:
                 d.fail(f"{rule.name}: the kink repeats on the integers but our table checks no lattice points")
             for n in ns:

@@ -248,3 +248,22 @@ def test_report_suite(monkeypatch):
     assert "Derivation:" in result.checks[0].detail and result.checks[0].numbers["computed_checks"] > 0
     assert messages == ["1/2 spurious_derivative", "2/2 rule:abs"]
     json.dumps(result.to_json())
+
+
+def test_parametric_requires_and_nonzero_lattice_express_the_registry_fixes():
+    # trunc is continuous at 0 (it jumps at the nonzero integers only); threshold is a jump only
+    # when value != threshold.  Written that way, both entries verify.
+    trunc = RULES["trunc"]
+    fixed = dataclasses.replace(trunc, kinks=(dataclasses.replace(trunc.kinks[0], lattice="nonzero_integers"),))
+    assert rule_proof(fixed).check().verified
+    th = RULES["threshold"]
+    jump = dataclasses.replace(th.kinks[0], continuous=False, lipschitz=False, clarke=("nan", "nan"),
+                               requires="Ne(value, threshold)")
+    kink = dataclasses.replace(th.kinks[0], continuous=True, lipschitz=True,
+                               clarke=("Min(0, 1)", "Max(0, 1)"), requires="Eq(value, threshold)")
+    cert = rule_proof(dataclasses.replace(th, kinks=(jump, kink))).check()
+    assert cert.verified, cert.failures
+    # ... and the same split with the flags swapped fails.
+    swapped = dataclasses.replace(th, kinks=(dataclasses.replace(jump, requires="Eq(value, threshold)"),
+                                             dataclasses.replace(kink, requires="Ne(value, threshold)")))
+    assert not rule_proof(swapped).check().verified
