@@ -98,6 +98,20 @@ def test_non_contiguous_input_equals_its_copy():
         np.testing.assert_array_equal(f(view), f(np.ascontiguousarray(view)))
 
 
+def test_read_only_and_broadcast_inputs_are_left_untouched():
+    x = np.random.default_rng(13).normal(size=(3, 50))
+    frozen = x.copy()
+    frozen.setflags(write=False)
+    row = np.broadcast_to(x[0], (4, 50))  # read-only, zero stride on the batch axis
+    for f in OPS.values():
+        for reg in REGS:
+            np.testing.assert_array_equal(f(frozen, regularization=reg),
+                                          f(x, regularization=reg))
+            np.testing.assert_array_equal(f(row, regularization=reg),
+                                          np.broadcast_to(f(x[0], regularization=reg), (4, 50)))
+    np.testing.assert_array_equal(frozen, x)
+
+
 def test_zero_rows_give_an_empty_result():
     for f in OPS.values():
         out = f(np.empty((0, 4)))
