@@ -50,6 +50,43 @@ def integrate_over_reals_gumbel(h, d: Derivation | None = None, label: str = "")
     return value
 
 
+def _solver_cross_check(d: Derivation, noise: str, exact_y1, exact_F=None, *, theta=(0.3, -0.2), sigma=0.7,
+                        num_samples=40000) -> None:
+    """Optional: compare nonsmooth.solvers' Monte-Carlo estimates with the exact closed forms.
+
+    The tolerance is six standard errors of the estimator (its seed is fixed, so the
+    comparison is deterministic); skipped with a note when the solvers are unavailable.
+    """
+    try:
+        import numpy as np
+
+        from nonsmooth.solvers import argmax_onehot, perturbed, perturbed_max
+    except ImportError as exc:
+        d.step(f"solver cross-check skipped: nonsmooth.solvers is unavailable ({exc})")
+        return
+    point = {sp.Symbol("theta1", real=True): theta[0], sp.Symbol("theta2", real=True): theta[1],
+             sp.Symbol("sigma", positive=True): sigma}
+    p1 = float(sp.N(exact_y1.subs(point), 20))
+    vec = np.array(theta, dtype=np.float64)
+    layer = perturbed(argmax_onehot, num_samples=num_samples, sigma=sigma, noise=noise, seed=0)
+    est = float(np.asarray(layer(vec))[0])
+    tol = 6 * (p1 * (1 - p1) / num_samples) ** 0.5
+    d.require(abs(est - p1) <= tol,
+              f"solver check ({noise}): perturbed(argmax_onehot) at theta = {theta}, sigma = {sigma} gives "
+              f"{est:.5f} vs exact {p1:.5f} (|diff| <= 6 standard errors = {tol:.4f})",
+              failure=f"nonsmooth.solvers.perturbed ({noise}) estimates P(argmax = 1) = {est:.5f}, the exact value "
+                      f"is {p1:.5f}: off by more than six standard errors ({tol:.4f})")
+    if exact_F is not None:
+        F = float(sp.N(exact_F.subs(point), 20))
+        fmax = perturbed_max(argmax_onehot, num_samples=num_samples, sigma=sigma, noise=noise, seed=0)
+        est_F = float(np.asarray(fmax(vec)))
+        # sigma * pi / sqrt(3) bounds the standard deviation of the max of two unit-scale noises used here
+        tol_F = 6 * sigma * float(sp.pi) / 3 ** 0.5 / num_samples ** 0.5
+        d.require(abs(est_F - F) <= tol_F,
+                  f"solver check ({noise}): perturbed_max gives {est_F:.5f} vs exact F_sigma {F:.5f}",
+                  failure=f"nonsmooth.solvers.perturbed_max ({noise}) gives {est_F:.5f}, exact F_sigma is {F:.5f}")
+
+
 def _gumbel_basics(d: Derivation) -> None:
     d.equal(sp.diff(gumbel_cdf(_z), _z), gumbel_pdf(_z), "the Gumbel CDF exp(-exp(-z)) differentiates to its density")
     d.equal(integrate_over_reals_gumbel(gumbel_pdf(_z), d, "total mass"), 1, "the Gumbel density integrates to 1")
@@ -74,6 +111,7 @@ def _run_softmax(d: Derivation) -> None:
     d.expr("perturbed_argmax_n3_first", p3)
     soft3 = sp.exp(t1 / sigma) / sum(sp.exp(t / sigma) for t in (t1, t2, t3))
     d.equal(p3, soft3, "n = 3: P(argmax = 1) = softmax(theta / sigma)_1")
+    _solver_cross_check(d, "gumbel", p1)
 
 
 def _run_gradient(d: Derivation) -> None:
@@ -115,6 +153,8 @@ def _run_gradient(d: Derivation) -> None:
            f"P(argmax = 1) = P(D > 0) = {expr_text(sp.simplify(p_first))}")
     d.equal(sp.diff(F_normal, t1), p_first, "normal: dF_sigma/dtheta1 = P(argmax = 1)")
     d.equal(sp.diff(F_normal, t2), 1 - p_first, "normal: dF_sigma/dtheta2 = P(argmax = 2)")
+    _solver_cross_check(d, "gumbel", y1, F)
+    _solver_cross_check(d, "normal", p_first, F_normal)
 
 
 def _run_fenchel_young(d: Derivation) -> None:
