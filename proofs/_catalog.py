@@ -35,6 +35,13 @@ def _select(proofs: Sequence[Proof], names) -> list[Proof]:
         return list(proofs)
     if isinstance(names, str):
         names = [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise TypeError(f"names must be None, a str or a list of str, got {names!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"names must be strings (proof names or patterns such as 'rule:*'), got {bad[0]!r}")
     chosen: list[Proof] = []
     for pattern in names:
         hits = [p for p in proofs if fnmatch.fnmatchcase(p.name, pattern)]

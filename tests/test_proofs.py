@@ -191,6 +191,10 @@ def test_get_and_select_errors():
         get(3)
     with pytest.raises(ValueError, match="shell-style patterns"):
         check_all(["rule:does-not-exist"])
+    with pytest.raises(TypeError, match="names must be"):
+        check_all(7)
+    with pytest.raises(TypeError, match="got 3"):
+        check_all(["rule:relu", 3])
 
 
 def test_check_all_progress_and_patterns():
