@@ -80,6 +80,29 @@ def _run(d: Derivation) -> None:
             "on b x > 0 implicit differentiation gives b/(1-a)")
     away_neg = [ad_value(sp.diff(program, v), relu_at_0=s).subs(z, z_neg).subs(x, t_neg / b) for v in (x, z)]
     d.equal(-away_neg[0] / away_neg[1], slope_neg, "on b x < 0 implicit differentiation gives 0")
+    _cross_check_engine(d, a, b, clarke)
+
+
+def _cross_check_engine(d: Derivation, a, b, clarke) -> None:
+    """Optional: nonsmooth.implicit's vertex Jacobian set at the kink against the Clarke set."""
+    try:
+        import numpy as np
+
+        from nonsmooth.implicit import ElementwiseLayer, implicit_jacobian_set
+    except ImportError as exc:
+        d.step(f"engine cross-check skipped: nonsmooth.implicit is unavailable ({exc})")
+        return
+    worst = 0.0
+    cases = [(sp.Rational(1, 2), 1), (sp.Rational(-3, 4), 2), (sp.Rational(9, 10), sp.Rational(-1, 3))]
+    for av, bv in cases:
+        layer = ElementwiseLayer(np.array([[float(av)]]), U=np.array([[float(bv)]]), activation="relu")
+        got = sorted(float(M[0, 0]) for M in implicit_jacobian_set(layer, np.array([0.0]), np.array([0.0])).matrices)
+        want = sorted(float(e.subs({a: av, b: bv})) for e in clarke)
+        worst = max(worst, max(abs(g - w) for g, w in zip(got, want)) if len(got) == len(want) else float("inf"))
+    d.require(worst <= 1e-12,
+              f"nonsmooth.implicit.implicit_jacobian_set returns exactly the endpoints {{0, b/(1-a)}} for "
+              f"(a, b) in {[(str(x), str(y)) for x, y in cases]} (max error {worst:.1e})",
+              failure=f"nonsmooth.implicit.implicit_jacobian_set disagrees with the Clarke set endpoints by {worst}")
 
 
 PROOFS = (
