@@ -216,8 +216,9 @@ def shortest_path_grid(costs):
 
     Negative costs would make the cheapest walk unbounded (step back and forth), so
     costs are clipped at 0 first; this matters for perturbed costs.  Among equally
-    cheap paths the one with fewest vertices is returned (remaining ties: a fixed
-    neighbour order), so zero-cost plateaus are handled.
+    cheap paths a fixed neighbour order decides, the same in every framework; where
+    zero costs make plateaus of equal distance, the path with fewest vertices is taken
+    so the trace-back cannot cycle.
 
     Algorithm: min-plus Bellman-Ford relaxation over the 8 grid shifts, vectorized over
     the batch until no distance changes (runs on the GPU for torch/jax inputs), a

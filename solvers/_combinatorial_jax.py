@@ -63,10 +63,17 @@ def shortest_path_jax(costs):
 
     hops = _relax_to_fixed_point(h0, relax_h, limit)
 
+    # As in the numpy/torch path: hop counts decide only in problems with a plateau (a
+    # tight edge that does not lower the distance); elsewhere the first tight edge does.
+    plateau = jnp.zeros((B,), bool)
+    for k, (dy, dx) in enumerate(_SHIFTS):
+        plateau = plateau | jnp.any(tight[k] & (_shift(D, dy, dx, inf) >= D), axis=(1, 2))
+    plateau = plateau[:, None, None]
     pred = jnp.zeros(c.shape, jnp.int32)
     found = jnp.zeros(c.shape, bool)
     for k, (dy, dx) in enumerate(_SHIFTS):
-        ok = tight[k] & (_shift(hops, dy, dx, inf) == hops - 1) & ~found
+        hop_ok = _shift(hops, dy, dx, inf) == hops - 1
+        ok = tight[k] & jnp.where(plateau, hop_ok, True) & ~found
         pred = jnp.where(ok, k, pred)
         found = found | ok
 

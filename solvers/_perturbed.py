@@ -145,7 +145,8 @@ def perturbed_max(solver: Callable, *, num_samples: int = 1000, sigma: float = 0
     """Smoothed optimal value theta -> F_sigma(theta) = E[<y*(theta + sigma Z), theta + sigma Z>].
 
     Its gradient is y_sigma(theta) (the same samples), and its Hessian in jax is the
-    perturbed Jacobian estimate.  The solver's output must have theta's event shape.
+    perturbed Jacobian estimate; torch gives first derivatives only (a second backward
+    through the layer raises, rather than returning a silent zero).  The solver's output must have theta's event shape.
     For a maximizing solver and Gumbel noise, perturbed_max of ``argmax_onehot`` is
     sigma * logsumexp(theta / sigma) + sigma * euler_gamma.
 

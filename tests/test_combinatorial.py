@@ -154,7 +154,8 @@ def test_shortest_path_property_against_dijkstra(shape, seed, integer):
     the same path from numpy, torch and jax (a few shapes: each is one jax compile)."""
     H, W = shape
     rng = np.random.default_rng(seed)
-    c = rng.integers(0, 3, size=(3, H, W)).astype(float) if integer else \
+    # integer costs: 0..2 makes zero-cost plateaus, 1..3 makes ties without plateaus
+    c = rng.integers(seed % 2, 3 + seed % 2, size=(3, H, W)).astype(float) if integer else \
         rng.exponential(size=(3, H, W))
     outs = [_to_np(shortest_path_grid(v)) for v in _all_frameworks(c).values()]
     for m in outs:
@@ -165,6 +166,18 @@ def test_shortest_path_property_against_dijkstra(shape, seed, integer):
             assert_is_path(outs[0][b])
         else:  # zero costs: still a connected start-to-end set, and the cheapest one
             assert outs[0][b][0, 0] == 1 and outs[0][b][-1, -1] == 1
+
+
+def test_equal_cost_paths_are_chosen_identically_in_every_framework():
+    # Unit costs: many cheapest paths, no zero-cost plateau; and a zero plateau.
+    rng = np.random.default_rng(7)
+    for c in (np.ones((2, 6, 7)), rng.integers(1, 3, size=(4, 7, 7)).astype(float),
+              np.where(rng.random((4, 7, 7)) < 0.3, 0.0, 1.0)):
+        outs = [_to_np(shortest_path_grid(v)) for v in _all_frameworks(c).values()]
+        for m in outs[1:]:
+            np.testing.assert_array_equal(m, outs[0])
+        for b in range(c.shape[0]):
+            assert abs((outs[0][b] * c[b]).sum() - dijkstra_cost(c[b])) < 1e-9
 
 
 def test_shortest_path_clips_negative_costs_at_zero():
