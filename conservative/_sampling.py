@@ -156,18 +156,28 @@ def _versions(framework: str) -> dict:
     return out
 
 
-def _torch_jacobians(f: Callable, points: np.ndarray, shape: tuple, dtype) -> tuple[np.ndarray, tuple]:
+def _split(v, shapes: list) -> list:
+    """One flat vector back into the argument arrays f takes (f(*xs) for a tuple x)."""
+    parts, o = [], 0
+    for shp in shapes:
+        size = int(np.prod(shp)) if len(shp) else 1
+        parts.append(v[o:o + size].reshape(shp))
+        o += size
+    return parts
+
+
+def _torch_jacobians(f: Callable, points: np.ndarray, shapes: list, dtype) -> tuple[np.ndarray, tuple]:
     import torch
 
     pts = torch.as_tensor(points, dtype=dtype)
 
     def flat(v):
-        out = f(v.reshape(shape))
+        out = f(*_split(v, shapes))
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"f must return a torch tensor, got {type(out).__name__}")
         return out.reshape(-1)
 
-    out_shape = tuple(f(pts[0].reshape(shape)).shape)
+    out_shape = tuple(f(*_split(pts[0], shapes)).shape)
     try:
         jac = torch.func.vmap(torch.func.jacrev(flat))(pts)
     except Exception:  # not vmappable (data-dependent control flow, .item(), ...): go point by point
@@ -178,16 +188,16 @@ def _torch_jacobians(f: Callable, points: np.ndarray, shape: tuple, dtype) -> tu
     return jac.detach().to(torch.float64).cpu().numpy(), out_shape
 
 
-def _jax_jacobians(f: Callable, points: np.ndarray, shape: tuple, dtype) -> tuple[np.ndarray, tuple]:
+def _jax_jacobians(f: Callable, points: np.ndarray, shapes: list, dtype) -> tuple[np.ndarray, tuple]:
     import jax
     import jax.numpy as jnp
 
     def flat(v):
-        return jnp.reshape(f(jnp.reshape(v, shape)), (-1,))
+        return jnp.reshape(f(*_split(v, shapes)), (-1,))
 
     with jax.enable_x64(True):
         pts = jnp.asarray(points, dtype=dtype)
-        out_shape = tuple(jnp.shape(f(jnp.reshape(pts[0], shape))))
+        out_shape = tuple(jnp.shape(f(*_split(pts[0], shapes))))
         try:
             jac = jax.vmap(jax.jacrev(flat))(pts)
         except Exception:  # not traceable under vmap: go point by point
@@ -311,8 +321,9 @@ def gradient_sampling(f: Callable, x: Any, *, radius: float = 1e-6, n_samples: i
     """Jacobians of ``f`` at random points near ``x``, deduplicated, and their min-norm hull element.
 
     ``f`` maps a torch tensor (or jax array) shaped like ``x`` to a tensor (scalar or any shape);
-    Jacobians are taken by that framework's reverse mode in float64 and flattened to
-    (out, in).  ``n_samples`` defaults to ``2 * x.size + 20`` (BLO need more than ``x.size + 1``).
+    for a tuple ``x`` it is called as ``f(*x)`` and the Jacobian's columns are the inputs'
+    elements in order, as in ``audit``.  Jacobians are taken by that framework's reverse
+    mode in float64 and flattened to (out, in).  ``n_samples`` defaults to ``2 * x.size + 20`` (BLO need more than ``x.size + 1``).
     ``dedupe_tol`` (max-abs) defaults to ``1e-9 * (1 + max |J|)`` plus ``100 * radius``
     times the same scale, so the Jacobians of a smooth f that differ by O(radius) merge.
 
@@ -322,8 +333,14 @@ def gradient_sampling(f: Callable, x: Any, *, radius: float = 1e-6, n_samples: i
         >>> sorted(gs.samples.reshape(-1).tolist()), float(gs.min_norm[0, 0])
         ([-1.0, 1.0], 0.0)
     """
+    leaves = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    if not leaves:
+        raise ValueError("x must be an array or a non-empty tuple of arrays, got an empty tuple")
     if framework is None:
-        framework = _framework_of(x)
+        kinds = {_framework_of(leaf) for leaf in leaves}
+        if len(kinds) > 1:
+            raise TypeError(f"x mixes frameworks {sorted(kinds)}; pass arrays of one framework")
+        framework = kinds.pop()
     elif framework not in ("torch", "jax"):
         raise ValueError(f"framework must be 'torch' or 'jax', got {framework!r}")
     if not callable(f):
@@ -335,13 +352,17 @@ def gradient_sampling(f: Callable, x: Any, *, radius: float = 1e-6, n_samples: i
     if dedupe_tol is not None and (not math.isfinite(dedupe_tol) or dedupe_tol < 0):
         raise ValueError(f"dedupe_tol must be a finite non-negative number, got {dedupe_tol!r}")
 
-    x_np = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
-    if not np.issubdtype(x_np.dtype, np.floating):
-        raise TypeError(f"x must have a floating dtype, got {x_np.dtype}")
-    if x_np.size == 0:
-        raise ValueError(f"x must not be empty, got shape {x_np.shape!r}")
-    if not np.all(np.isfinite(x_np)):
-        raise ValueError(f"x must be finite, got {x_np.reshape(-1)[~np.isfinite(x_np.reshape(-1))][:3]!r}")
+    arrays = [np.asarray(leaf.detach().cpu() if hasattr(leaf, "detach") else leaf) for leaf in leaves]
+    for i, a in enumerate(arrays):
+        name = "x" if len(arrays) == 1 else f"x[{i}]"
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{name} must have a floating dtype, got {a.dtype}")
+        if a.size == 0:
+            raise ValueError(f"{name} must not be empty, got shape {a.shape!r}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite, got {a.reshape(-1)[~np.isfinite(a.reshape(-1))][:3]!r}")
+    x_np = np.concatenate([a.reshape(-1) for a in arrays])
+    shapes = [tuple(a.shape) for a in arrays]
     dim = int(x_np.size)
     if n_samples is None:
         n_samples = 2 * dim + 20
@@ -352,18 +373,16 @@ def gradient_sampling(f: Callable, x: Any, *, radius: float = 1e-6, n_samples: i
     rng = np.random.default_rng(seed)
     x64 = x_np.astype(np.float64).reshape(-1)
     points = x64[None, :] + _ball(rng, n_samples, dim, float(radius))
-    shape = tuple(x_np.shape)
-
     jac_fn = _torch_jacobians if framework == "torch" else _jax_jacobians
     used_dtype = "float64"
     try:
-        jacs, out_shape = jac_fn(f, points, shape, _dtype(framework, "float64"))
+        jacs, out_shape = jac_fn(f, points, shapes, _dtype(framework, "float64"))
     except (RuntimeError, TypeError) as err:
         # f may hold float32 parameters that refuse float64 inputs: sample in x's own dtype.
         if "dtype" not in str(err).lower() and "double" not in str(err).lower() and "float" not in str(err).lower():
             raise
         used_dtype = str(x_np.dtype)
-        jacs, out_shape = jac_fn(f, points.astype(x_np.dtype), shape, _dtype(framework, used_dtype))
+        jacs, out_shape = jac_fn(f, points.astype(x_np.dtype), shapes, _dtype(framework, used_dtype))
     jacs = jacs.reshape(n_samples, -1, dim)
 
     finite = np.all(np.isfinite(jacs.reshape(n_samples, -1)), axis=1)
@@ -383,7 +402,7 @@ def gradient_sampling(f: Callable, x: Any, *, radius: float = 1e-6, n_samples: i
         samples=samples, counts=tuple(int(c) for c in counts), min_norm=min_norm, weights=w,
         kkt_gap=float(gap), radius=float(radius), n_samples=n_samples, n_nonfinite=n_nonfinite,
         seed=int(seed), framework=framework, dtype=used_dtype, out_shape=tuple(out_shape),
-        in_shape=shape, versions=_versions(framework),
+        in_shape=shapes[0] if len(shapes) == 1 else tuple(shapes), versions=_versions(framework),
     )
 
 

@@ -183,3 +183,14 @@ def test_sampled_jacobians_are_b_subdifferential_elements(case):
                                framework="jax" if name == "jax" else None)
         for J in gs.samples:
             assert oracle.has(J, tol=1e-9), (name, J, oracle.elements)
+
+
+def test_tuple_input_calls_f_with_each_array_and_stacks_columns():
+    a, b = torch.tensor([1.0]), torch.tensor([[1.0, -2.0]])
+    gs = gradient_sampling(lambda u, v: torch.maximum(u[0], v[0, 0]) + v[0, 1], (a, b), n_samples=60)
+    assert _as_set(gs.samples) == [(0.0, 1.0, 1.0), (1.0, 0.0, 1.0)]
+    assert gs.in_shape == ((1,), (1, 2))
+    with pytest.raises(TypeError, match="mixes frameworks"):
+        gradient_sampling(lambda u, v: u, (a, jnp.ones(1)))
+    with pytest.raises(ValueError, match="empty tuple"):
+        gradient_sampling(torch.abs, ())
