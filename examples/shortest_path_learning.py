@@ -93,6 +93,7 @@ def main(argv=None):
     test_set = make_data(args.test, gen, B)
     data = (*train_set, *test_set)
 
+    torch.manual_seed(args.seed)
     untrained = torch.nn.Sequential(torch.nn.Linear(FEATURES, GRID * GRID),
                                     torch.nn.Softplus()).double()
     acc0, regret0 = evaluate(untrained, *test_set)

@@ -25,9 +25,12 @@ def _rules(N: int, sigma: float, noise: str, control_variate: bool, event_ndim: 
     def estimator_tangent(Y, score, v):
         batch_shape = v.shape[: v.ndim - event_ndim]
         B = math.prod(batch_shape)
-        Yf = Y.reshape(Y.shape[0], B, -1)
-        vf = v.reshape(B, -1)
-        Sf = score.reshape(N, B, -1)
+        out_event = Y.shape[1 + len(batch_shape):]
+        Dn = math.prod(v.shape[len(batch_shape):])
+        # explicit sizes, not -1: an empty batch must reshape too
+        Yf = Y.reshape(Y.shape[0], B, math.prod(out_event))
+        vf = v.reshape(B, Dn)
+        Sf = score.reshape(N, B, Dn)
         # Multiply-and-reduce rather than einsum: with the batch axis in the middle, XLA's
         # dot would first transpose the (N, B, D) arrays; the reductions fuse instead.
         s = jnp.sum(Sf * vf[None], axis=-1)
@@ -35,7 +38,7 @@ def _rules(N: int, sigma: float, noise: str, control_variate: bool, event_ndim: 
             s = jnp.sum(vf, axis=-1)[None, :] - s
         Yc = Yf[:N] - Yf[N][None] if control_variate else Yf
         dy = jnp.sum(Yc * s[..., None], axis=0) / (N * sigma)
-        return dy.reshape(batch_shape + Y.shape[1 + len(batch_shape):])
+        return dy.reshape(batch_shape + out_event)
 
     @jax.custom_jvp
     def mean(theta, Y, score):

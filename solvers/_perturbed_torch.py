@@ -78,15 +78,18 @@ class _PerturbedFunction(torch.autograd.Function):
         Y, score = ctx.saved_tensors
         N, sigma = layer.num_samples, layer.sigma
         B = math.prod(ctx.theta_shape[: ctx.batch_ndim])
-        Yf = Y.reshape(Y.shape[0], B, -1)
-        gf = g.reshape(B, -1)
+        O = math.prod(Y.shape[1 + ctx.batch_ndim:])
+        Dn = math.prod(ctx.theta_shape[ctx.batch_ndim:])
+        # explicit sizes, not -1: an empty batch must reshape too
+        Yf = Y.reshape(Y.shape[0], B, O)
+        gf = g.reshape(B, O)
         # Elementwise products and a (B, 1, N) x (B, N, D) bmm on transposed views are
         # several times faster here than the equivalent einsums, which copy to contiguous.
         w = (Yf[:N] * gf).sum(-1)
         if layer.control_variate:
             # <y_i - y*(theta), g>: the mean of the score is 0, so this changes only variance.
             w = w - (Yf[N] * gf).sum(-1)
-        Sf = score.reshape(N, B, -1)
+        Sf = score.reshape(N, B, Dn)
         weighted = torch.bmm(w.t().unsqueeze(1), Sf.transpose(0, 1)).squeeze(1)
         if layer.noise == "gumbel":
             grad = w.sum(0).unsqueeze(-1) - weighted  # score = 1 - E

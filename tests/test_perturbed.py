@@ -334,3 +334,37 @@ def test_layers_explain_themselves():
     assert "7 samples" in layer.explain() and "control variate" in layer.explain()
     assert layer.to_json()["num_samples"] == 7
     assert "y - y_sigma" in fenchel_young_loss(shortest_path_grid).explain()
+
+
+def test_empty_batch_gives_empty_results_and_gradients():
+    theta = torch.zeros(0, 4, requires_grad=True)
+    y = perturbed(argmax_onehot, num_samples=5)(theta)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert theta.grad.shape == (0, 4)
+    g = jax.grad(lambda t: perturbed(argmax_onehot, num_samples=5)(t).sum())(jnp.zeros((0, 4)))
+    assert g.shape == (0, 4)
+
+
+@pytest.mark.parametrize("noise, control_variate", [("gumbel", True), ("normal", False)])
+def test_jax_estimator_variants_are_unbiased(noise, control_variate):
+    """jax control variate (Gumbel argmax vs softmax Jacobian) and normal noise (sign vs
+    the Gaussian density), as replicate z-tests."""
+    R, N = 200, 500
+    if noise == "gumbel":
+        theta, solver = np.tile(THETA, (R, 1)), argmax_onehot
+        exact = softmax_jacobian(THETA, SIGMA)
+    else:
+        base = np.array([-0.3, 0.0, 0.2])
+        theta, solver = np.tile(base[:, None], (R, 1, 1)), sign_solver
+        exact = 2 * norm.pdf(base / SIGMA) / SIGMA
+    layer = perturbed(solver, num_samples=N, sigma=SIGMA, noise=noise,
+                      control_variate=control_variate)
+    t = jnp.asarray(theta, jnp.float32)
+    if noise == "gumbel":
+        J = jax.jacrev(lambda x: layer(x, key=jax.random.PRNGKey(2)).sum(0))(t)
+        est = np.asarray(J).transpose(1, 0, 2)
+    else:
+        est = np.asarray(jax.grad(lambda x: layer(x, key=jax.random.PRNGKey(2)).sum())(t))[..., 0]
+    mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(R)
+    assert (np.abs(mean - exact) <= K * se + 1e-6).all(), np.abs(mean - exact) / se
