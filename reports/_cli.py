@@ -334,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prove":
+        # The prove command owns its options (--list, --json ...); argparse's REMAINDER
+        # would not pass options that come before a name.
+        return _cmd_prove(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)

@@ -158,3 +158,12 @@ def test_report_renders_in_headless_chromium(tmp_path, fake_suites):
                     "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
                     "--window-size=1200,1600", paths["html"].as_uri()], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_prove_options_reach_the_prove_command(capsys):
+    assert cli_main(["prove", "--list"]) == 0
+    listed = capsys.readouterr().out
+    from nonsmooth.proofs import catalog
+
+    for proof in catalog():
+        assert proof.name in listed
