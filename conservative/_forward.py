@@ -266,8 +266,15 @@ class Interpreter:
         rows_per_opt = [[rowfn(c) for c in o.conds] for o in opts]
         all_zero = all(_rmax(r) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
         if self._policy.branching and all_zero and len(opts) > 1:
-            # The tie persists to first order: every branch gives the same tangents, so
-            # take one; values may still differ (jumps, indices) -> not certified.
+            if site.discrete:
+                # The tie persists to first order and the branches give different values
+                # (a comparison, a jump, indices): first order cannot say which branch
+                # holds near x.  If every branch ends in the same pieces the choice does
+                # not matter; otherwise the pieces are uncertified.
+                self._degenerate_discrete(i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans,
+                                          nonaffine, site, opts)
+                return
+            # every branch gives the same tangents and values: take one
             opts, rows_per_opt = opts[:1], rows_per_opt[:1]
         for opt, rows in zip(opts, rows_per_opt):
             st2 = st.copy_conds()
@@ -286,6 +293,34 @@ class Interpreter:
                     continue
                 st2.witness = w
             self._branch(i, node, ctx, sites, j + 1, chosen + [(site, opt)], st2, rowfn, in_vals, in_tans, nonaffine)
+
+    def _degenerate_discrete(self, i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans, nonaffine,
+                             site, opts):
+        saved = self._leaves
+        groups = []
+        for opt in opts:
+            self._leaves = []
+            st2 = st.copy_conds()
+            st2.degenerate = True
+            self._branch(i, node, ctx, sites, j + 1, chosen + [(site, opt)], st2, rowfn, in_vals, in_tans, nonaffine)
+            groups.append(self._leaves)
+        self._leaves = saved
+
+        def same(a, b):
+            return (a.out.shape == b.out.shape and np.allclose(a.out, b.out, rtol=1e-12, atol=1e-12, equal_nan=True)
+                    and np.allclose(a.jac, b.jac, rtol=1e-12, atol=1e-12, equal_nan=True)
+                    and len(a.conds) == len(b.conds))
+
+        ref = groups[0]
+        if all(len(g) == len(ref) and all(same(a, b) for a, b in zip(g, ref)) for g in groups[1:]):
+            self._leaves.extend(ref)
+        else:
+            for g in groups:
+                for lf in g:
+                    lf.certified = False
+                self._leaves.extend(g)
+        if len(self._leaves) > self._max_leaves:
+            raise BudgetExceeded(f"more than {self._max_leaves} pieces")
 
     def _leaf(self, st: "_State") -> None:
         outs, jac = [], []
