@@ -251,6 +251,7 @@ class _Eager:
             self.full = lambda shape, v, like: torch.full(shape, v, dtype=like.dtype,
                                                           device=like.device)
             self.minimum = lambda a, b, out: torch.minimum(a, b, out=out)
+            self.add = lambda a, b, out: torch.add(a, b, out=out)
             self.where = torch.where
             self.equal = torch.equal
             self.copy = lambda dst, src: dst.copy_(src)
@@ -260,6 +261,7 @@ class _Eager:
         else:
             self.full = lambda shape, v, like: np.full(shape, v, dtype=like.dtype)
             self.minimum = lambda a, b, out: np.minimum(a, b, out=out)
+            self.add = lambda a, b, out: np.add(a, b, out=out)
             self.where = np.where
             self.equal = np.array_equal
             self.copy = lambda dst, src: np.copyto(dst, src)
@@ -307,13 +309,15 @@ def _shortest_path_eager(costs, fw):
     # Distances: D[v] = cost of the cheapest path start -> v, both ends included.
     Dp = ops.full((H + 2, W + 2, B), inf, c)
     Dp[1, 1] = c[0, 0]
-    relax(Dp, views(Dp), lambda best: best + c)
+    # In-place adds: fresh 10-100 MB temporaries per step cost more than the arithmetic.
+    relax(Dp, views(Dp), lambda best: ops.add(best, c, best))
     D = Dp[1:-1, 1:-1]
 
     # Tight edges u -> v lie on some cheapest path; count vertices along them so the
     # trace-back strictly decreases and cannot loop on zero-cost plateaus.
     Dv = views(Dp)
-    tight = [(c + v) == D for v in Dv]
+    buf = ops.full((H, W, B), 0, c)
+    tight = [ops.add(c, v, buf) == D for v in Dv]
     # Along a tight edge the distance usually drops strictly, and then following any
     # tight edge back reaches the start.  Zero costs (or costs below the distance's
     # rounding) make plateaus where it does not; only then count vertices along tight
