@@ -563,6 +563,8 @@ def kink_conventions(framework: str, *, rules: tuple | None = None) -> KinkConve
     """
     if framework not in ("torch", "jax"):
         raise ValueError(f"framework must be 'torch' or 'jax', got {framework!r}")
+    if isinstance(rules, str):
+        rules = (rules,)
     if rules is not None:
         unknown = [r for r in rules if r not in RULES]
         if unknown:

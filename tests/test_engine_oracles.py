@@ -182,8 +182,8 @@ def test_ld_exact_enumeration_and_gradient_sampling_agree(case):
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-@pytest.mark.parametrize("n", [1, 3])
-def test_mirrored_relu_pair_is_certified_spurious(framework, n):
+@pytest.mark.parametrize("n, dtype", [(1, "float64"), (3, "float64"), (3, "float32")])
+def test_mirrored_relu_pair_is_certified_spurious(framework, n, dtype):
     """sum_i (relu(z_i) - relu(-z_i)) = sum_i z_i, linear: Clarke set is one point, AD picks relu'(0)."""
     rng = np.random.default_rng(n)
     A = rng.integers(-2, 3, size=(n, n)).astype(float) + 3 * np.eye(n)
@@ -194,11 +194,16 @@ def test_mirrored_relu_pair_is_certified_spurious(framework, n):
     x = np.zeros(n)
     B = sampled_b_subdifferential(prog, x)
     assert len(B.elements) == 1 and np.allclose(B.elements[0], A.sum(axis=0))
-    f, xx = _fns(prog)[framework], _inputs(x)[framework]
+    f = _fns(prog)[framework]
+    # dyadic data: the point is exactly on every kink in float32 too
+    xx = torch.tensor(x, dtype=getattr(torch, dtype)) if framework == "torch" else (
+        _jax64(x) if dtype == "float64" else jnp.asarray(x, dtype=jnp.float32))
     ad = _ad(framework, f, x)
     a = audit(f, xx)
     assert not np.allclose(ad.reshape(-1), B.elements[0].reshape(-1))  # relu'(0) = 0 in both frameworks
     assert a.verdict is Verdict.SPURIOUS and a.exact, a.explain()
+    np.testing.assert_allclose(np.asarray(a.ad_jacobian, dtype=np.float64).reshape(-1), ad.reshape(-1))
+    np.testing.assert_allclose(np.asarray(a.b_subdifferential, dtype=np.float64).reshape(-1, n), B.flat())
 
 
 # ------------------------------------------------------------------ heavier variants
