@@ -122,6 +122,33 @@ def _gradient_checks(R, N):
     return checks
 
 
+def _jax_checks(R, N):
+    """The jax adapter (custom_jvp under jit) against the same closed forms."""
+    import jax
+    import jax.numpy as jnp
+
+    from nonsmooth.solvers import argmax_onehot, perturbed, perturbed_max
+
+    p = _softmax(THETA / SIGMA)
+    exact = (np.diag(p) - np.outer(p, p)) / SIGMA
+    layer = perturbed(argmax_onehot, num_samples=N, sigma=SIGMA)
+    t = jnp.asarray(np.tile(THETA, (R, 1)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    J = np.asarray(jax.jit(jax.jacrev(lambda x: layer(x, key=key).sum(0)))(t)).transpose(1, 0, 2)
+    se = J.std(0, ddof=1) / math.sqrt(R)
+    z = float(np.max(np.abs(J.mean(0) - exact) / np.maximum(se, 1e-30)))
+    checks = [Check("jax (jit, custom_jvp): Jacobian of Gumbel-perturbed argmax = softmax Jacobian",
+                    z <= Z_MAX, f"max |z| = {z:.2f} over {R} replicates of N = {N}",
+                    {"max_z": z})]
+    fmax = perturbed_max(argmax_onehot, num_samples=N, sigma=SIGMA)
+    x = jnp.asarray(THETA, jnp.float32)
+    g = jax.grad(lambda v: fmax(v, key=key))(x)
+    d = float(jnp.max(jnp.abs(g - layer(x, key=key))))
+    checks.append(Check("jax: grad perturbed_max = perturbed argmax (same key)", d <= 1e-6,
+                        f"max |difference| = {d:g}", {"max_abs_diff": d}))
+    return checks
+
+
 def _surrogate_checks():
     import torch
 
@@ -216,6 +243,11 @@ def run(*, quick: bool = False, progress=None) -> SuiteResult:
         checks += _surrogate_checks()
     else:
         notes.append("torch is not installed: gradient and surrogate checks not run")
+    if importlib.util.find_spec("jax") is not None:
+        say("jax adapter")
+        checks += _jax_checks(60 if quick else 200, 300 if quick else 1000)
+    else:
+        notes.append("jax is not installed: jax checks not run")
     say("shortest path vs Dijkstra")
     checks.append(_shortest_path_check(5 if quick else 30))
     table = Table(f"Perturbed layers vs closed forms (N = {N}, sigma = {SIGMA}, fixed seeds)",
