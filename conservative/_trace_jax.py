@@ -187,13 +187,22 @@ def _norm_fn(axes):
     return norm
 
 
+def _user_context(xs):
+    """float64 inputs exist only where the user enabled x64: trace and differentiate f in
+    that same (scoped) setting, else jax would silently or loudly mix in float32."""
+    if any(np.dtype(x.dtype) == np.float64 for x in xs):
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
 def trace(f: Callable, xs: tuple) -> Graph:
     def g(*args):
         out = f(*args) if len(xs) > 1 else f(args[0])
         return jax.tree_util.tree_leaves(out)
 
     try:
-        closed = jax.make_jaxpr(g)(*xs)
+        with _user_context(xs):
+            closed = jax.make_jaxpr(g)(*xs)
     except Exception as e:
         raise TraceError(f"jax could not trace f with make_jaxpr: {type(e).__name__}: {e}") from e
     t = _Tracer()
@@ -344,7 +353,8 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
         y = jnp.concatenate([jnp.ravel(o) for o in jax.tree_util.tree_leaves(out)])
         return y, y
 
-    jac, y = jax.jacrev(flat_f, argnums=tuple(range(len(xs))), has_aux=True)(*xs)
+    with _user_context(xs):
+        jac, y = jax.jacrev(flat_f, argnums=tuple(range(len(xs))), has_aux=True)(*xs)
     n = int(np.size(y))
     cols = [np.asarray(j, dtype=np.float64).reshape(n, -1) for j in jac]
     return np.concatenate(cols, axis=1), np.asarray(y, dtype=np.float64).reshape(-1)

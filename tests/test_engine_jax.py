@@ -178,3 +178,15 @@ def test_torch_and_jax_agree_on_the_clarke_jacobian(name, ft, fj, x):
     M = np.array([[2.0, 1.0], [-1.0, 1.0]])
     np.testing.assert_allclose(ld_jacobian(ft, torch.tensor(x, dtype=torch.float64), M),
                                ld_jacobian(fj, jnp.array(x), M), atol=1e-12)
+
+
+def test_float64_input_made_under_scoped_x64():
+    # float64 arrays exist only under x64; the engine traces and differentiates f in that
+    # same scoped setting instead of failing on float32/float64 mixes
+    with jax.enable_x64(True):
+        x = jnp.zeros(1, dtype=jnp.float64)
+    a = audit(lambda x: jax.nn.relu(x) - jax.nn.relu(-x), x)
+    assert a.verdict is Verdict.SPURIOUS and a.dtype == "float64"
+    b = audit(jnp.sort, x.at[0].set(1.0))
+    assert b.verdict is Verdict.SMOOTH
+    assert jnp.ones(1).dtype == jnp.float32 or jax.config.jax_enable_x64
