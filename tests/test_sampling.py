@@ -194,3 +194,44 @@ def test_tuple_input_calls_f_with_each_array_and_stacks_columns():
         gradient_sampling(lambda u, v: u, (a, jnp.ones(1)))
     with pytest.raises(ValueError, match="empty tuple"):
         gradient_sampling(torch.abs, ())
+
+
+# ------------------------------------------------------------------ the PL oracle itself
+
+
+from _pl_programs import Layer, PLProgram, RELU_STYLES  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(pl_cases(max_in=3, max_depth=3, max_width=4, max_out=3, relu_styles=RELU_STYLES), st.integers(0, 2**31 - 1))
+def test_pl_oracle_jacobians_match_central_differences_and_renders_match(case, seed):
+    prog, x = case
+    rng = np.random.default_rng(seed)
+    X = x + rng.uniform(-1, 1, size=(5, x.size))  # generic points: no kink active with probability 1
+    J, generic = prog.jacobians_np(X)
+    assert generic.all()
+    h = 1e-6
+    for p, Jp in zip(X, J):
+        fd = np.stack([(prog(p + h * e) - prog(p - h * e)) / (2 * h) for e in np.eye(x.size)], axis=1)
+        np.testing.assert_allclose(Jp, fd, atol=1e-6)
+    np.testing.assert_array_equal(prog.render_torch()(torch.tensor(x)).numpy(), prog(x))
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(np.asarray(prog.render_jax()(jnp.asarray(x))), prog(x))
+
+
+def test_pl_oracle_known_b_subdifferentials():
+    eye = np.eye(2)
+    abs_sum = PLProgram(layers=(Layer(eye, np.zeros(2), "abs"), Layer(np.ones((1, 2)), np.zeros(1), "id")), n_in=2)
+    B = sampled_b_subdifferential(abs_sum, np.zeros(2))
+    assert _as_set(B.elements) == sorted(tuple(map(float, p)) for p in itertools.product((-1, 1), (-1, 1)))
+    pair_max = PLProgram(layers=(Layer(eye, np.zeros(2), "max"), Layer(np.ones((1, 1)), np.zeros(1), "id")), n_in=2)
+    assert _as_set(sampled_b_subdifferential(pair_max, np.array([0.5, 0.5])).elements) == [(0.0, 1.0), (1.0, 0.0)]
+    # relu(x) - relu(-x) = x: one element although two kinks are active
+    mirror = PLProgram(layers=(Layer(np.array([[1.0], [-1.0]]), np.zeros(2), "relu"),
+                               Layer(np.array([[1.0, -1.0]]), np.zeros(1), "id")), n_in=1)
+    assert mirror.n_active_kinks(np.zeros(1)) == 2
+    assert _as_set(sampled_b_subdifferential(mirror, np.zeros(1)).elements) == [(1.0,)]
+    # min(relu(x), relu(-x)) is identically 0: one element, 0
+    flat = PLProgram(layers=(Layer(np.array([[1.0], [-1.0]]), np.zeros(2), "relu"),
+                             Layer(eye, np.zeros(2), "min"), Layer(np.ones((1, 1)), np.zeros(1), "id")), n_in=1)
+    assert _as_set(sampled_b_subdifferential(flat, np.zeros(1)).elements) == [(0.0,)]
