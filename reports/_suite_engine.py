@@ -43,11 +43,11 @@ def _cases(torch, jax, jnp) -> list[_Case]:
         h = np.tanh(W1 @ np.array(x_mlp) + b1)
         return [W2 @ np.diag(1 - h ** 2) @ W1]
 
+    # float64 parameters made once, outside the traced call; .to is a no-op on float64 inputs
+    tparams = tuple(torch.from_numpy(a) for a in (W1, b1, W2)) if torch is not None else ()
+
     def t_mlp(x):
-        # float64 parameters made once, outside the traced call; .to is a no-op on float64 inputs
-        if not hasattr(t_mlp, "params"):
-            t_mlp.params = tuple(torch.from_numpy(a) for a in (W1, b1, W2))
-        tW1, tb1, tW2 = (p.to(x.dtype) for p in t_mlp.params)
+        tW1, tb1, tW2 = (p.to(x.dtype) for p in tparams)
         return tW2 @ torch.tanh(tW1 @ x + tb1)
 
     def j_mlp(x):
