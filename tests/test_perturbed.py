@@ -368,3 +368,13 @@ def test_jax_estimator_variants_are_unbiased(noise, control_variate):
         est = np.asarray(jax.grad(lambda x: layer(x, key=jax.random.PRNGKey(2)).sum())(t))[..., 0]
     mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(R)
     assert (np.abs(mean - exact) <= K * se + 1e-6).all(), np.abs(mean - exact) / se
+
+
+def test_jax_fenchel_young_gradient_is_y_sigma_minus_y_under_jit():
+    theta = jnp.asarray(np.random.default_rng(2).normal(size=(3, 5)), jnp.float32)
+    target = jnp.eye(5, dtype=jnp.float32)[jnp.array([0, 3, 4])]
+    key = jax.random.PRNGKey(4)
+    loss = fenchel_young_loss(argmax_onehot, num_samples=200, sigma=SIGMA)
+    g = jax.jit(jax.grad(lambda t: loss(t, target, key=key).sum()))(theta)
+    y = perturbed(argmax_onehot, num_samples=200, sigma=SIGMA)(theta, key=key)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(y - target), atol=1e-6)
