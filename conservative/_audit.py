@@ -135,15 +135,15 @@ class Audit:
                          f"hull of {len(self.b_subdifferential)} B-subdifferential element(s), so it is an "
                          "element of the Clarke Jacobian.")
         elif v is Verdict.SPURIOUS:
-            parts.append(f"AD's output is NOT in the Clarke Jacobian (distance {self.hull_distance:.3g} in max-norm "
-                         "from it). This is certified: every essentially active piece was enumerated.")
+            parts.append("AD's output is NOT in the Clarke Jacobian, and this is certified.")
         elif v is Verdict.NOT_LIPSCHITZ:
             parts.append("f is not Lipschitz (or not continuous) at this point, so no Clarke Jacobian exists; "
                          "whatever AD returned is not a generalized derivative.")
         else:
             parts.append("The audit could not decide.")
-        if self.reason:
-            parts.append(self.reason)
+        reason = " ".join(self.reason.split())
+        if reason:
+            parts.append(reason if reason.endswith(".") else reason + ".")
         if self.bifurcation:
             parts.append(f"The AD output depends on the derivative chosen at the kinks: "
                          f"{len(self.selection_jacobians)} different selection Jacobians.")
@@ -153,7 +153,7 @@ class Audit:
             parts.append(f"Active kinks: {shown}{more}.")
         if v not in (Verdict.SMOOTH, Verdict.NOT_LIPSCHITZ):
             parts.append("The piece enumeration was " + ("complete." if self.exact else "not complete (the hull found is an inner approximation)."))
-        parts.extend(self.notes)
+        parts.extend(n for n in self.notes if n)
         ver = ", ".join(f"{k} {val}" for k, val in self.versions.items())
         parts.append(f"({self.framework}; {ver}; input dtype {self.dtype})")
         return " ".join(parts)
@@ -758,9 +758,33 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
         return Audit(Verdict.SPURIOUS, exact=A.exact, hull_distance=res,
                      reason=f"AD lies at max-norm distance {res:.3g} from the Clarke Jacobian; certified because {why}. "
                             + ad_note, **common)
+    hint = _sampling_hint(P, Barr, ad, ad_tol, seed)
     return Audit(Verdict.UNDECIDED, exact=False, hull_distance=res,
                  reason=(f"AD is not in the hull of the {len(B)} B-subdifferential element(s) found (distance {res:.3g}), "
-                         f"but the enumeration was not exact: {A.exact_reason}.").strip(), **common)
+                         f"but the enumeration was not exact: {A.exact_reason}.").strip(),
+                 notes=(hint,) if hint else (), **common)
+
+
+def _sampling_hint(P: _Problem, B: np.ndarray, ad: np.ndarray, tol: float, seed: int) -> str:
+    """Last resort (Burke-Lewis-Overton): Jacobians at random points very close to x.  They
+    approximate B-subdifferential elements but certify nothing, so they only inform."""
+    try:
+        from ._sampling import gradient_sampling
+    except ImportError:
+        return ""
+    if len(P.xs) != 1 or not np.all(np.isfinite(ad)):
+        return ""
+    try:
+        gs = gradient_sampling(P.f, P.xs[0], radius=1e-7 * (1.0 + float(np.max(np.abs(P.x_flat())))),
+                               n_samples=min(400, 4 * P.n_in + 40), seed=seed)
+        S = np.asarray(gs.samples, dtype=np.float64).reshape(-1, P.n_out * P.n_in)
+    except Exception:
+        return ""
+    pts = np.concatenate([B.reshape(len(B), -1), S]) if len(B) else S
+    res, _ = hull_residual(pts, ad.reshape(-1))
+    inside = res <= tol * (1.0 + float(np.max(np.abs(pts))))
+    return (f"Gradient sampling ({len(S)} distinct nearby Jacobians, not a certificate) finds AD "
+            + ("inside their hull with the elements above." if inside else f"at distance {res:.3g} from their hull."))
 
 
 def _reproduces(out: np.ndarray, y_user: np.ndarray, tol: float) -> bool:

@@ -49,7 +49,7 @@ def _flat(a) -> np.ndarray:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.6g}"
+    return f"{float(v) + 0.0:.6g}"  # + 0.0 prints -0 as 0
 
 
 # --------------------------------------------------------------------------- unary / jump

@@ -421,3 +421,15 @@ def test_one_norm_and_x_sign_x():
     assert a.exact and as_set(a.b_subdifferential) == {(s, u) for s in (-1.0, 1.0) for u in (-1.0, 1.0)}
     b = audit(lambda x: x * torch.sign(x), t64(0.0))  # = |x|: sign jumps, the product does not
     assert b.verdict is Verdict.CLARKE and as_set(b.b_subdifferential) == {(-1.0,), (1.0,)}
+
+
+def test_explanations_read_as_sentences():
+    a = audit(lambda x: torch.relu(x) - torch.relu(-x), torch.zeros(1))
+    text = a.explain()
+    assert "NOT in the Clarke Jacobian" in text and "certified" in text and "  " not in text
+    assert "relu" in text and "torch" in text
+    W = torch.eye(4, dtype=torch.float64)
+    b = audit(lambda x: (torch.relu(W @ x) - torch.relu(-(W @ x))).sum().reshape(1),
+              torch.zeros(4, dtype=torch.float64), exact_budget=2)
+    assert b.verdict is Verdict.UNDECIDED
+    assert any("Gradient sampling" in n and "not a certificate" in n for n in b.notes)
