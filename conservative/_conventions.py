@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import sys
 from typing import Any, Callable
 
 import numpy as np
