@@ -301,6 +301,23 @@ class _Problem:
 # --------------------------------------------------------------------------- analysis
 
 
+MAX_TANGENT_FLOATS = 2 * 10**8  # 1.6 GB of float64 tangents at the widest intermediate
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def _check_size(P: _Problem) -> None:
+    widest = max([v.size for n in P.graph.nodes for v in n.outputs if v.is_float] + [1])
+    if P.n_in * widest > MAX_TANGENT_FLOATS:
+        raise TooLarge(
+            f"x has {P.n_in} elements and the widest intermediate {widest}: the dense tangent matrix at the kinks "
+            f"({P.n_in * widest:.3g} floats) exceeds {MAX_TANGENT_FLOATS:.0e}. Audit a function of fewer inputs "
+            "(e.g. close over the rest of x) or a smaller slice of the model."
+        )
+
+
 @dataclasses.dataclass
 class _Analysis:
     J0: np.ndarray
@@ -354,6 +371,7 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
     if not P.interp.sites_seen:
         # No kink active: the Jacobian is computed lazily (see _engine_jacobian).
         return _Analysis(None, out0, {}, [], ["identity"], [], True, "", "", [], notes)
+    _check_size(P)
     leaf0 = P.run(F.LexPolicy())[0]
     sites = dict(P.interp.sites_seen)
 
@@ -640,12 +658,16 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
         try:
             return _analyse(P, exact_budget=exact_budget, n_directions=n_directions, seed=seed,
                             need_enum=lambda b: not ad_in(b))
+        except TooLarge as e:
+            return str(e)
         except Exception:  # a primitive the adapter cannot evaluate in float64, ...
             if P.graph.unsupported:
                 return None
             raise
 
     A = analyse(P)
+    if isinstance(A, str):
+        return _undecided(P, A, ad)
     if A is None:
         return _undecided(P, f"unsupported primitive(s): {', '.join(sorted(set(P.graph.unsupported)))}", ad)
     if not _reproduces(A.out0, y_user, ad_tol):
@@ -655,6 +677,8 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
             if P.graph is None:
                 return _undecided(P, f"f could not be traced, so its primitives are unknown: {P.trace_error}")
             A = analyse(P)
+            if isinstance(A, str):
+                return _undecided(P, A, ad)
         if A is None or not _reproduces(A.out0, y_user, ad_tol):
             return _undecided(P, "the traced program does not reproduce f(x) (randomness, hidden state or a "
                                  "side effect in f?), so an analysis of the trace would not be about f.", ad)
@@ -849,6 +873,7 @@ def ld_jacobian(f: Callable, x, directions=None, *, raw: bool = False, kink_tol:
             raise ValueError(f"directions must be an (n, k) matrix with n = {P.n_in} input elements, got shape {M.shape}")
         if not np.all(np.isfinite(M)):
             raise ValueError("directions must be finite, got NaN or inf entries")
+    _check_size(P)
     leaf = P.run(F.LexPolicy(), M)[0]
     if raw:
         return leaf.jac

@@ -433,3 +433,15 @@ def test_explanations_read_as_sentences():
               torch.zeros(4, dtype=torch.float64), exact_budget=2)
     assert b.verdict is Verdict.UNDECIDED
     assert any("Gradient sampling" in n and "not a certificate" in n for n in b.notes)
+
+
+def test_too_large_dense_tangents_are_refused_clearly(monkeypatch):
+    from nonsmooth.conservative import _audit as A
+
+    monkeypatch.setattr(A, "MAX_TANGENT_FLOATS", 100)
+    a = audit(lambda x: torch.relu(x) - torch.relu(-x), torch.zeros(20))
+    assert a.verdict is Verdict.UNDECIDED and "fewer inputs" in a.reason
+    with pytest.raises(ValueError, match="fewer inputs"):
+        ld_jacobian(torch.abs, torch.zeros(20))
+    # a smooth point needs no tangent matrix at all
+    assert audit(torch.tanh, torch.zeros(20)).verdict is Verdict.SMOOTH
