@@ -205,7 +205,7 @@ def _framework_of(x) -> str:
 
 def _adapter(framework: str):
     mod = "_trace_torch" if framework == "torch" else "_trace_jax"
-    return importlib.import_module(f"nonsmooth.conservative.{mod}")
+    return importlib.import_module(f".{mod}", __package__)
 
 
 _TRACE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
