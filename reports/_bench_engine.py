@@ -6,7 +6,7 @@ same function (``torch.func.jacrev``; ``jax.jacrev`` eager and jitted): the targ
 audit at most 5x one jacrev.  Then the point is moved to x = 0 with k first-layer biases
 exactly 0, so exactly k ReLUs sit on their kink, and the audit is timed for k in
 (1, 4, 16, 64): the cost of the analysis as kinks pile up (past ``exact_budget`` the audit
-samples and may say UNDECIDED; the verdict column shows which).
+cannot enumerate and may say UNDECIDED; the verdict and exact columns show what happened).
 """
 from __future__ import annotations
 
@@ -178,8 +178,10 @@ def run(*, quick: bool = False, out=print) -> list[Table]:
             continue
         rows.extend(bench(quick, out))
     note = (f"Median of interleaved runs on one thread. Target: audit at a random point <= {TARGET:g}x one "
-            "jacrev of the same function. Rows at x = 0 put exactly k first-layer ReLUs on their kink; past "
-            "the exact budget (16 by default) the audit cannot enumerate and says so in its verdict."
+            "jacrev of the same function. Rows at x = 0 put exactly k first-layer ReLUs on their kink. exact=False "
+            "means the piece enumeration did not run to completion: past exact_budget (16) it cannot, and the "
+            "engine also skips it when AD already lies in the hull of the elements found (CLARKE needs no "
+            "enumeration). Kink rows time one audit (quick) or the median of three, the first including tracing."
             + (f" Not installed, so not measured: {', '.join(skipped)}." if skipped else ""))
     over = [r for r in rows if r[-1].endswith("(over)")]
     out(f"target <= {TARGET:g}x at a random point: " + ("met" if not over else
