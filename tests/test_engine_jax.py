@@ -190,3 +190,17 @@ def test_float64_input_made_under_scoped_x64():
     b = audit(jnp.sort, x.at[0].set(1.0))
     assert b.verdict is Verdict.SMOOTH
     assert jnp.ones(1).dtype == jnp.float32 or jax.config.jax_enable_x64
+
+
+def test_custom_vjp_body_is_analysed_while_ad_uses_the_custom_rule():
+    @jax.custom_vjp
+    def myrelu(x):
+        return jnp.maximum(x, 0.0)
+
+    myrelu.defvjp(lambda x: (myrelu(x), x), lambda x, g: (0.5 * g,))
+    a = audit(lambda x: myrelu(x) - myrelu(-x), jnp.zeros(1))
+    # the math is x (Clarke set {1}); the custom backward gives 0.5 + 0.5 = 1
+    assert as_set(a.b_subdifferential) == {(1.0,)}
+    assert a.ad_jacobian.tolist() == [[1.0]] and a.verdict is Verdict.CLARKE
+    b = audit(lambda x: jax.lax.fori_loop(0, 2, lambda i, v: jnp.abs(v), x), jnp.zeros(1))
+    assert b.verdict is Verdict.UNDECIDED and "scan" in b.reason
