@@ -42,10 +42,11 @@ _SMOOTH = {
     "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and",
     "bitwise_or", "bitwise_not", "bitwise_xor", "isnan", "isinf", "isfinite", "sym_size",
     "sym_numel", "sym_stride", "as_strided", "unfold", "im2col", "col2im", "upsample_nearest2d",
-    "_unsafe_index", "xlogy", "special_xlog1py", "atan2", "sgn_", "one_hot", "linalg_solve",
+    "_unsafe_index", "xlogy", "special_xlog1py", "one_hot", "linalg_solve",
     "linalg_inv", "linalg_cholesky", "linalg_solve_ex", "linalg_inv_ex", "_linalg_solve_ex",
     "linalg_cholesky_ex", "triangular_solve", "linalg_solve_triangular", "cholesky_solve",
-    "linalg_lu_factor_ex", "lu_unpack", "linalg_lu_solve", "var", "var_mean", "nan_to_num",
+    "linalg_lu_solve", "var", "var_mean", "nan_to_num", "mse_loss", "nll_loss_forward",
+    "nll_loss2d_forward", "binary_cross_entropy", "binary_cross_entropy_with_logits",
     "_reshape_alias", "expand_as", "view_as", "reshape_as", "movedim", "swapaxes",
 }
 _LINEAR = {
@@ -60,6 +61,8 @@ _LINEAR = {
 }
 _BILINEAR = {"mul", "mm", "mv", "bmm", "addmm", "addmv", "addbmm", "baddbmm", "matmul", "dot",
              "vdot", "einsum", "linear", "convolution", "conv1d", "conv2d", "outer", "ger"}
+# Left out on purpose: atan2 (jumps across the negative x axis), LU factors (pivoting),
+# std (sqrt of a variance that can vanish), losses with kinks (l1, smooth_l1, huber).
 # Some "smooth" ops are only smooth where their arguments stay away from a bad set;
 # those points show up as non-finite values, which the engine reports.
 

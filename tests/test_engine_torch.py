@@ -445,3 +445,10 @@ def test_too_large_dense_tangents_are_refused_clearly(monkeypatch):
         ld_jacobian(torch.abs, torch.zeros(20))
     # a smooth point needs no tangent matrix at all
     assert audit(torch.tanh, torch.zeros(20)).verdict is Verdict.SMOOTH
+
+
+def test_atan2_is_not_assumed_smooth():
+    # atan2 jumps across the negative x axis: at (y, x) = (0, -1) torch's derivative is
+    # finite, yet f is discontinuous there; the engine must not call it SMOOTH
+    a = audit(lambda v: torch.atan2(v[:1], v[1:]), t64(0.0, -1.0))
+    assert a.verdict is Verdict.UNDECIDED and "atan2" in a.reason
