@@ -160,9 +160,7 @@ class Audit:
 
     def to_json(self) -> dict:
         def arr(a):
-            if a is None:
-                return None
-            return np.where(np.isfinite(a), a, np.nan).tolist()
+            return None if a is None else _finite_or_none(np.asarray(a, dtype=np.float64).tolist())
 
         d = {
             "verdict": self.verdict.value,
@@ -182,7 +180,18 @@ class Audit:
             "notes": list(self.notes),
             "explanation": self.explain(),
         }
-        return json.loads(json.dumps(d, default=str).replace("NaN", "null"))
+        return json.loads(json.dumps(_finite_or_none(d), default=str))
+
+
+def _finite_or_none(obj):
+    """JSON has no NaN/inf: non-finite numbers become null (text is left alone)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------- frameworks
@@ -438,6 +447,8 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
         except np.linalg.LinAlgError:
             continue
         J = leaf.jac @ Minv
+        near = np.abs(J - np.round(J)) < 1e-12  # M^{-1} round-off around exact (often integer) pieces
+        J = np.where(near, np.round(J), J)
         leaves_for_continuity.append(leaf)
         if pc1 and leaf.certified and np.all(np.isfinite(J)):
             b_elems.append(J)

@@ -452,3 +452,10 @@ def test_atan2_is_not_assumed_smooth():
     # finite, yet f is discontinuous there; the engine must not call it SMOOTH
     a = audit(lambda v: torch.atan2(v[:1], v[1:]), t64(0.0, -1.0))
     assert a.verdict is Verdict.UNDECIDED and "atan2" in a.reason
+
+
+def test_json_maps_nonfinite_to_null_and_keeps_text():
+    a = audit(lambda x: torch.where(x > 0, torch.sqrt(x), torch.zeros_like(x)), t64(-1.0))
+    d = json.loads(json.dumps(a.to_json(), allow_nan=False))
+    assert d["ad_jacobian"] == [[None]]
+    assert "NaN" in d["reason"]
