@@ -447,7 +447,8 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
         except np.linalg.LinAlgError:
             continue
         J = leaf.jac @ Minv
-        near = np.abs(J - np.round(J)) < 1e-12  # M^{-1} round-off around exact (often integer) pieces
+        with np.errstate(all="ignore"):
+            near = np.abs(J - np.round(J)) < 1e-12  # M^{-1} round-off around exact (often integer) pieces
         J = np.where(near, np.round(J), J)
         leaves_for_continuity.append(leaf)
         if pc1 and leaf.certified and np.all(np.isfinite(J)):
@@ -581,7 +582,10 @@ def _fd_check(P: _Problem, J: np.ndarray, rng) -> float:
     best = math.inf
     for h_rel, allowance in ((1e-6, 0.0), (1e-8, 1e-7), (1e-10, 1e-5)):
         h = h_rel * (1.0 + float(np.max(np.abs(x))))
-        fd = (P.values_at(x + h * v) - P.values_at(x - h * v)) / (2 * h)
+        with np.errstate(all="ignore"):
+            fd = (P.values_at(x + h * v) - P.values_at(x - h * v)) / (2 * h)
+        if not np.all(np.isfinite(fd)):  # f is not finite on both sides: not differentiable here
+            return math.inf
         gap = float(np.max(np.abs(fd - jv))) / (1.0 + float(np.max(np.abs(jv)))) if jv.size else 0.0
         best = min(best, max(0.0, gap - allowance))
         if best <= 1e-6:
@@ -712,6 +716,10 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
                      notes=(ad_note,) if ad_note else (), **common)
 
     kinds = {s.kind for s in A.sites.values()}
+    if not np.all(np.isfinite(A.out0)):
+        return Audit(Verdict.UNDECIDED, exact=False, min_norm=None,
+                     reason="f(x) is not finite (a pole or a domain boundary): there is nothing to differentiate.",
+                     **common)
     # ---------- discontinuity / non-Lipschitz
     if A.discontinuous:
         return Audit(Verdict.NOT_LIPSCHITZ, exact=A.exact, min_norm=None, reason=A.discontinuous,
@@ -755,6 +763,9 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
             return _undecided(P, "f's Jacobian is not finite at x (a pole or a domain boundary of a smooth "
                                  "primitive).", ad, J0=J)
         gap = _fd_check(P, J, rng)
+        if gap == math.inf:
+            return _undecided(P, "f is not finite on both sides of x (a domain boundary such as x**1.5 at 0): "
+                                 "it is not differentiable there in the usual sense.", ad, J0=J)
         if gap > 1e-5:
             return _undecided(P, f"the engine's Jacobian disagrees with float64 central differences (relative gap "
                                  f"{gap:.2g}); f may not be smooth at x.", ad, J0=J)

@@ -459,3 +459,21 @@ def test_json_maps_nonfinite_to_null_and_keeps_text():
     d = json.loads(json.dumps(a.to_json(), allow_nan=False))
     assert d["ad_jacobian"] == [[None]]
     assert "NaN" in d["reason"]
+
+
+@pytest.mark.parametrize(
+    "fn,x,verdict,words",
+    [
+        (lambda x: x**0.5, 0.0, Verdict.NOT_LIPSCHITZ, "grow"),
+        (lambda x: torch.abs(x) ** 0.5, 0.0, Verdict.NOT_LIPSCHITZ, "grow"),
+        (lambda x: x**1.5, 1.0, Verdict.SMOOTH, ""),
+        (lambda x: x**1.5, 0.0, Verdict.UNDECIDED, "domain boundary"),
+        (lambda x: x**-1.0, 0.0, Verdict.UNDECIDED, "not finite"),
+        (torch.log, 0.0, Verdict.UNDECIDED, "not finite"),
+    ],
+    ids=["sqrt-pow", "abs-sqrt", "pow1.5-at-1", "pow1.5-at-0", "pole", "log0"],
+)
+def test_fractional_powers_poles_and_domains(fn, x, verdict, words):
+    a = audit(fn, t64(x))
+    assert a.verdict is verdict
+    assert words in a.reason
