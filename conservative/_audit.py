@@ -433,27 +433,11 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
     if eligible and weight <= ALWAYS_ENUMERATE:
         enumerate_pieces()
 
-    # 2. LD derivatives along +-identity and random direction matrices: exact B-elements
-    #    for PC1 programs (Khan & Barton).  A cross-check only when the enumeration is exact.
-    n_mats = 4 if exact else max(2, n_directions)
-    mats = [np.eye(n), -np.eye(n)]
-    while len(mats) < n_mats:
-        M = rng.standard_normal((n, n))
-        mats += [M, -M]
-    for M in mats[:n_mats]:
-        leaf = P.run(F.LexPolicy(), M)[0]
-        try:
-            Minv = np.linalg.inv(M)
-        except np.linalg.LinAlgError:
-            continue
-        J = leaf.jac @ Minv
-        with np.errstate(all="ignore"):
-            near = np.abs(J - np.round(J)) < 1e-12  # M^{-1} round-off around exact (often integer) pieces
-        J = np.where(near, np.round(J), J)
-        leaves_for_continuity.append(leaf)
-        if pc1 and leaf.certified and np.all(np.isfinite(J)):
-            b_elems.append(J)
-            b_src.append("LD")
+    # With many kinks, stop sampling once AD is inside the hull of certified elements
+    # (jumps and comparisons need every branch for the continuity check).
+    def settled():
+        return (need_enum is not None and not exact and weight > ALWAYS_ENUMERATE
+                and not (kinds & {"jump", "compare"}) and not need_enum(b_elems))
 
     # 3. AD-selection Jacobians: every vertex choice when there are few, else the all-first,
     #    all-last and n_directions random ones.
@@ -473,7 +457,9 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
     else:
         assigns = [_site_assign(0, "first"), _site_assign(0, "last")]
         assigns += [_site_assign(seed * 100003 + j, "random") for j in range(n_directions)]
-    for assign in assigns:
+    for idx, assign in enumerate(assigns):
+        if idx >= 10 and idx % 8 == 2 and settled():
+            break
         leaf = P.run(F.AssignPolicy(assign))[0]
         sel.append(leaf.jac)
         if pc1 and leaf.certified and not any(site.kind == "norm" for site, _ in leaf.choices):
@@ -482,6 +468,30 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
                 b_elems.append(leaf.jac)
                 b_src.append("selection")
                 leaves_for_continuity.append(leaf)
+
+    # 2. LD derivatives along +-identity and random direction matrices: exact B-elements
+    #    for PC1 programs (Khan & Barton).  A cross-check only when the enumeration is exact.
+    n_mats = 4 if exact else max(2, n_directions)
+    mats = [np.eye(n), -np.eye(n)]
+    while len(mats) < n_mats:
+        M = rng.standard_normal((n, n))
+        mats += [M, -M]
+    for idx, M in enumerate(mats[:n_mats]):
+        if idx >= 8 and idx % 8 == 0 and settled():
+            break
+        leaf = P.run(F.LexPolicy(), M)[0]
+        try:
+            Minv = np.linalg.inv(M)
+        except np.linalg.LinAlgError:
+            continue
+        J = leaf.jac @ Minv
+        with np.errstate(all="ignore"):
+            near = np.abs(J - np.round(J)) < 1e-12  # M^{-1} round-off around exact (often integer) pieces
+        J = np.where(near, np.round(J), J)
+        leaves_for_continuity.append(leaf)
+        if pc1 and leaf.certified and np.all(np.isfinite(J)):
+            b_elems.append(J)
+            b_src.append("LD")
 
     # 4. More kinks: enumerate only if the elements found do not already settle AD.
     if eligible and not enumerated:
