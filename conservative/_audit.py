@@ -645,8 +645,11 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
           seed: int = 0, _graph=None) -> Audit:
     """Audit what reverse-mode AD returns for ``f`` at ``x``.
 
-    ``f`` maps torch tensors (or jax arrays) to an array; ``x`` is one array or a tuple
-    of arrays (their elements are the Jacobian's columns, in order).  ``kink_tol`` widens
+    ``f`` maps torch tensors (or jax arrays) to an array (or a tuple of arrays, whose
+    elements are the Jacobian's rows, in order); ``x`` is one array, or a tuple of arrays
+    passed to ``f`` as separate arguments (their elements are the columns, in order).
+    Any float dtype: AD runs in it, the analyses in float64.  The trace is cached per
+    ``f`` and shapes, and checked against ``f(x)`` on every call.  ``kink_tol`` widens
     "at a kink" to ``|distance| <= kink_tol``; ``exact_budget`` caps the number of active
     kinks whose pieces are enumerated exactly; ``n_directions`` is the number of random
     LD direction matrices and of sampled vertex choices.

@@ -247,10 +247,16 @@ def _attach_rule(node: Node, rule, params) -> None:
 
 
 def _to64(v):
-    if isinstance(v, torch.Tensor) and v.dtype in _FLOAT_DTYPES:
-        return v.detach().to(torch.float64)
+    """Float tensors -> CPU float64; float dtype/device arguments follow (the analyses run
+    on the CPU in float64 whatever device the user's tensors live on)."""
+    if isinstance(v, torch.Tensor):
+        if v.dtype in _FLOAT_DTYPES:
+            return v.detach().to(device="cpu", dtype=torch.float64)
+        return v.detach().cpu()
     if isinstance(v, torch.dtype) and v in _FLOAT_DTYPES:
         return torch.float64
+    if isinstance(v, torch.device):
+        return torch.device("cpu")
     return v
 
 
