@@ -120,6 +120,9 @@ def trace(f: Callable, xs: tuple) -> Graph:
             if str(n.target) == "aten.clamp.Tensor":
                 _add_clamp_tensor(graph, n, env, next_id)
                 continue
+            if str(n.target) == "aten.sqrt.default" and _sum_of_squares(n) is not None:
+                _add_norm(graph, n, env, next_id)
+                continue
             _add_call(graph, n, env, next_id, gm)
         elif n.op == "output":
             outs = pytree.tree_leaves(n.args[0])
@@ -137,6 +140,42 @@ def _positional(f, n):
         return out
 
     return g
+
+
+def _sum_of_squares(n):
+    """``n = sqrt(sum(z * z))`` or ``sqrt(sum(z ** 2))`` (over some dims): (z, dims, keepdim)."""
+    a = n.args[0]
+    if not isinstance(a, torch.fx.Node) or str(a.target) not in ("aten.sum.default", "aten.sum.dim_IntList"):
+        return None
+    if a.kwargs.get("dtype") is not None:
+        return None
+    b = a.args[0]
+    if not isinstance(b, torch.fx.Node):
+        return None
+    if str(b.target) == "aten.pow.Tensor_Scalar" and b.args[1] == 2:
+        z = b.args[0]
+    elif str(b.target) == "aten.mul.Tensor" and b.args[0] is b.args[1]:
+        z = b.args[0]
+    else:
+        return None
+    if str(a.target) == "aten.sum.default":
+        return z, None, False
+    dims = list(a.args[1]) if len(a.args) > 1 and a.args[1] is not None else None
+    keep = bool(a.args[2]) if len(a.args) > 2 else bool(a.kwargs.get("keepdim", False))
+    return z, dims, keep
+
+
+def _add_norm(graph: Graph, n, env, next_id) -> None:
+    """Read sqrt(sum of squares) as the 2-norm it is, so its kink at 0 (Lipschitz, Clarke
+    set the unit ball) is analysed instead of sqrt's infinite slope."""
+    z, dims, keep = _sum_of_squares(n)
+    op = torch.ops.aten.linalg_vector_norm.default
+    out = _var_for(n.meta["val"], next_id)
+    flat, spec = pytree.tree_flatten(((z, 2.0, dims, keep), {}))
+    graph.nodes.append(Node(prim=str(op), inputs=(env[z],), outputs=(out,),
+                            params={"ord": 2.0, "dim": dims, "keepdim": keep}, payload=(op, flat, spec, [0]),
+                            rule="norm", location=f"{n.name} = aten.sqrt(sum of squares), read as a 2-norm"))
+    env[n] = out
 
 
 def _add_clamp_tensor(graph: Graph, n, env, next_id) -> None:

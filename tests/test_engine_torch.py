@@ -477,3 +477,14 @@ def test_fractional_powers_poles_and_domains(fn, x, verdict, words):
     a = audit(fn, t64(x))
     assert a.verdict is verdict
     assert words in a.reason
+
+
+def test_hand_written_norm_is_read_as_a_norm():
+    # sqrt(sum(x**2)) is the 2-norm: Lipschitz at 0 (Clarke set the unit ball), but torch's
+    # AD returns NaN there (sqrt'(0) * 0): certified not a generalized derivative
+    a = audit(lambda x: torch.sqrt((x**2).sum()), torch.zeros(3, dtype=torch.float64))
+    assert [k.primitive for k in a.active_kinks] == ["norm"]
+    assert np.isnan(a.ad_jacobian).all() and a.verdict is Verdict.SPURIOUS
+    b = audit(lambda x: torch.sqrt((x * x).sum(dim=-1)), torch.ones(2, 3, dtype=torch.float64))
+    assert b.verdict is Verdict.SMOOTH
+    np.testing.assert_allclose(b.ad_jacobian, np.kron(np.eye(2), np.full((1, 3), 1 / np.sqrt(3))), atol=1e-12)
