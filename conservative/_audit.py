@@ -713,7 +713,7 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
     kinks = _active_kinks(P, A.sites)
     sel = np.stack(_distinct(A.sel)) if A.sel else np.zeros((0, P.n_out, P.n_in))
     B = [b for b in _distinct(A.b_elems) if np.all(np.isfinite(b))]
-    Barr = np.stack(B) if B else np.zeros((0, P.n_out, P.n_in))
+    Barr = np.stack(B) + 0.0 if B else np.zeros((0, P.n_out, P.n_in))  # + 0.0: no -0 entries
     bif = len(sel) > 1
     common = dict(ad_jacobian=ad, selection_jacobians=sel, b_subdifferential=Barr, bifurcation=bif,
                   active_kinks=kinks, framework=P.framework, versions=_versions(P), dtype=P.dtype,

@@ -62,6 +62,8 @@ class LexPolicy:
             return site.options[:1]
         if site.kind == "norm":
             return [R.norm_lex(site, rowfn, node._norm_slices[site.key[1]])]
+        if site.kind == "norminf":
+            return [R.norminf_lex(site, rowfn)]
         if site.kind in ("kink", "jump"):
             return [R.unary_lex(site, rowfn)]
         if site.kind in ("tie", "compare"):

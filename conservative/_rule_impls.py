@@ -332,6 +332,21 @@ def norm_sites(node_i, node, x, tol) -> list[Site]:
                 sites.append(Site(node_i, ("e", int(e), o), "kink", opts,
                                   f"1-norm with input element {int(e)} = 0 (output element {o})",
                                   clarke=(-1.0, 1.0)))
+        elif ordv == math.inf:
+            # ||x||_inf = max_i max(x_i, -x_i): a selection among the signed entries that
+            # attain the max (both signs of every entry when x = 0)
+            top = float(np.max(np.abs(vals))) if len(vals) else 0.0
+            hit = np.nonzero(np.abs(np.abs(vals) - top) <= tol)[0]
+            cands = [(int(members[j]), sg) for j in hit
+                     for sg in ((1.0, -1.0) if top <= tol else (float(np.sign(vals[j])),))]
+            if len(cands) > 1:
+                opts = []
+                for e, sg in cands:
+                    conds = [[(0, e, sg), (0, e2, -sg2)] for e2, sg2 in cands if (e2, sg2) != (e, sg)]
+                    opts.append(Option(f"{'+' if sg > 0 else '-'}x{e}", conds, ("inf", e, sg)))
+                sites.append(Site(node_i, ("n", o), "norminf", opts,
+                                  f"inf-norm with {len(cands)} tied signed entries (output element {o})",
+                                  clarke="conv of the tied signed unit vectors", weight=len(cands) - 1))
         elif np.any(np.abs(vals) <= tol) or (ordv in (math.inf, -math.inf) and len(np.unique(np.abs(vals))) < len(vals)):
             sites.append(Site(node_i, ("n", o), "unsupported", [Option("framework", [], None)],
                               f"norm with ord={ordv} at a zero or tied element (output element {o}); "
@@ -349,12 +364,32 @@ def norm_lex(site, rowfn, members):
     return Option("lex", [], ("u", np.zeros(len(members))))
 
 
+def norminf_lex(site, rowfn):
+    best, best_row = site.options[0], None
+    for opt in site.options:
+        _, e, sg = opt.data
+        row = sg * rowfn([(0, e, 1.0)])
+        if best_row is None or _lex_greater(row, best_row):
+            best, best_row = opt, row
+    return best
+
+
+def _lex_greater(a, b) -> bool:
+    d = np.nonzero(a != b)[0]
+    return bool(len(d) and a[d[0]] > b[d[0]])
+
+
 def norm_apply(choices, x, tans, outs, out_tans, k, slices):
     t_in = tans[0]
     size = _flat(outs[0]).size
     t_out = _tan2d(out_tans[0], k, size).copy()
     for site, opt in choices:
         if opt.data is None:
+            continue
+        if opt.data[0] == "inf":
+            _, e, sg = opt.data
+            o = site.key[1]
+            t_out[:, o] = 0.0 if t_in is None else sg * t_in[:, e]
             continue
         if opt.data[0] == "l1":  # framework's slope at 0 is sign(0) = 0: add the chosen one
             e, o = site.key[1], site.key[2]

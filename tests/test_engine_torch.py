@@ -488,3 +488,12 @@ def test_hand_written_norm_is_read_as_a_norm():
     b = audit(lambda x: torch.sqrt((x * x).sum(dim=-1)), torch.ones(2, 3, dtype=torch.float64))
     assert b.verdict is Verdict.SMOOTH
     np.testing.assert_allclose(b.ad_jacobian, np.kron(np.eye(2), np.full((1, 3), 1 / np.sqrt(3))), atol=1e-12)
+
+
+def test_inf_norm_ties_and_zero():
+    f = lambda x: torch.linalg.vector_norm(x, ord=float("inf")).reshape(1)  # noqa: E731
+    a = audit(f, t64(0.0, 0.0))
+    assert a.exact and a.verdict is Verdict.CLARKE
+    assert as_set(a.b_subdifferential) == {(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)}
+    b = audit(f, t64(1.0, -1.0))
+    assert b.exact and as_set(b.b_subdifferential) == {(1.0, 0.0), (0.0, -1.0)}
