@@ -319,7 +319,8 @@ _RULE_LIST = [
          ("aten.linalg_vector_norm.default", "aten.norm.ScalarOpt_dim",
           "aten.norm.Scalar"), (),
          "vector p-norm; at 0 the Clarke set is the dual unit ball (for ord=2 the unit "
-         "ball, not a polytope); jax spells the 2-norm sqrt(sum(x*x)), recognised as one",
+         "ball, not a polytope; ord=1 and ord=inf are polyhedral and enumerated exactly, "
+         "other ords are refused at a kink); sqrt(sum(x*x)) is recognised as the 2-norm",
          impl="norm", piecewise_affine=False),
 ]
 
