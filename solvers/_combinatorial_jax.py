@@ -79,21 +79,20 @@ def shortest_path_jax(costs):
 
     flat_pred = pred.reshape((B, H * W))
     offsets = jnp.array([dy * W + dx for dy, dx in _SHIFTS], jnp.int32)
-    # NaN costs leave the end unreached (hops = inf): take no step rather than 2**31.
-    end_hops = hops[:, H - 1, W - 1]
-    steps = jnp.where(jnp.isfinite(end_hops), end_hops, 0).astype(jnp.int32)
     rows = jnp.arange(B)
     cur = jnp.full((B,), H * W - 1, jnp.int32)
     mask = jnp.zeros((B, H * W), c.dtype).at[rows, cur].set(1)
 
+    # Follow predecessors until every problem is back at the start (flat index 0); the
+    # H*W bound only matters for NaN problems, which are masked below.
     def cond(state):
-        t, _, _ = state
-        return t < jnp.max(steps, initial=0)
+        t, cur, _ = state
+        return jnp.any(cur != 0) & (t < H * W)
 
     def body(state):
         t, cur, mask = state
         k = flat_pred[rows, cur]
-        cur = jnp.where(t < steps, cur + offsets[k], cur)
+        cur = jnp.where(cur != 0, cur + offsets[k], cur)
         return t + 1, cur, mask.at[rows, cur].set(1)
 
     _, _, mask = lax.while_loop(cond, body, (0, cur, mask))

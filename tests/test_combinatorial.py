@@ -180,6 +180,15 @@ def test_equal_cost_paths_are_chosen_identically_in_every_framework():
             assert abs((outs[0][b] * c[b]).sum() - dijkstra_cost(c[b])) < 1e-9
 
 
+def test_tie_path_longer_than_fewest_vertices_reaches_the_start_in_jax():
+    # Found by hypothesis: the first tight edge can give a cheapest path with more
+    # vertices than the fewest; the jax trace-back once stopped short of the start.
+    c = np.array([[2.0, 1, 1, 1, 1], [3, 1, 3, 3, 1], [2, 2, 1, 2, 2]])
+    expected = np.array([[1.0, 1, 1, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]])
+    for v in _all_frameworks(c).values():
+        np.testing.assert_array_equal(_to_np(shortest_path_grid(v)), expected)
+
+
 def test_shortest_path_clips_negative_costs_at_zero():
     c = np.ones((4, 4))
     c[1, 1] = c[2, 2] = -5.0  # would make the cheapest walk unbounded
