@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._rules import RULES, Rule, evaluate
+from ._rules import RULES, Rule, _requires_holds, evaluate
 
 MAX_PERMUTATION_GROUP = 5  # tied groups larger than this are sampled, never enumerated
 
@@ -88,13 +88,13 @@ def unary_sites(node_i, node, rule: Rule, x: np.ndarray, tol: float) -> list[Sit
                               clarke="none (not Lipschitz)"))
         return sites
     for ki, kink in enumerate(rule.kinks):
-        if kink.requires and params.get(kink.requires.split()[0]) is None:
+        if kink.requires and not _requires_holds(kink.requires, params):
             continue
         if kink.lattice:
             off = _lattice_offset(kink)
             n = np.round(xf - off)
             hit = np.abs(xf - (n + off)) <= tol
-            if rule.name == "trunc":
+            if kink.lattice == "nonzero_integers":
                 hit &= n != 0
             where = np.nonzero(hit)[0]
             nvals = n[where]

@@ -55,8 +55,9 @@ class Kink:
     ``at``: location; ``left``/``right``: one-sided derivatives there; ``clarke``: the
     Clarke interval ``[lo, hi]`` (``("nan", "nan")`` where none exists); ``continuous``
     and ``lipschitz`` say whether the primitive is continuous / Lipschitz at the kink.
-    ``lattice`` is ``"integers"`` when the kink repeats at ``at`` + every integer
-    (floor, round, ...), otherwise ``""``.  ``left_value``/``right_value`` are the
+    ``lattice`` is ``"integers"`` when the kink repeats at ``at`` for every integer ``n``
+    (floor, round, ...), ``"nonzero_integers"`` when ``n = 0`` is excluded (trunc),
+    otherwise ``""``.  ``left_value``/``right_value`` are the
     one-sided limits of the primitive's value (differ only at jumps; in terms of the
     params and of ``n``, the integer of the lattice).
     """
@@ -70,7 +71,7 @@ class Kink:
     lattice: str = ""
     left_value: str = ""
     right_value: str = ""
-    requires: str = ""  # condition on the params for the kink to exist, e.g. "min is not None"
+    requires: str = ""  # condition on the params for the kink, e.g. "min is not None", "Ne(value, threshold)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,8 @@ _NAMESPACE = {
     "pi": math.pi,
     "Rational": lambda a, b: a / b,
     "Piecewise": lambda *pairs: next(v for v, c in pairs if c),
+    "Eq": lambda a, b: float(a == b),
+    "Ne": lambda a, b: float(a != b),
     "True": True,
 }
 
@@ -141,8 +144,13 @@ def evaluate(expr: str, params: dict) -> float:
 
 
 def _requires_holds(cond: str, params: dict) -> bool:
-    name, _, rest = cond.partition(" is not None")
-    return params.get(name.strip()) is not None
+    """``"NAME is not None"`` or a condition such as ``"Ne(value, threshold)"``."""
+    if not cond:
+        return True
+    name, sep, rest = cond.partition(" is not None")
+    if sep and not rest.strip():
+        return params.get(name.strip()) is not None
+    return bool(evaluate(cond, params))
 
 
 def _k(at, left, right, clarke=None, continuous=True, lipschitz=True, **kw):
@@ -159,8 +167,9 @@ _RULE_LIST = [
          ("aten.relu.default", "aten.relu_.default"), (),
          "max(x, 0); jax spells it max(x, 0.0) (rule 'maximum')"),
     Rule("threshold", 1, "elementwise_unary", {"threshold": 0.0, "value": 0.0},
-         (_k("threshold", "0", "1", continuous=False, lipschitz=False,
-             left_value="value", right_value="threshold"),),
+         (_k("threshold", "0", "1", requires="Eq(value, threshold)"),
+          _k("threshold", "0", "1", _JUMP, False, False, left_value="value", right_value="threshold",
+             requires="Ne(value, threshold)")),
          ("aten.threshold.default", "aten.threshold_.default"), (),
          "x if x > threshold else value; a jump unless value == threshold", impl="jump"),
     Rule("abs", 1, "elementwise_unary", {}, (_k("0", "-1", "1"),),
@@ -225,7 +234,7 @@ _RULE_LIST = [
          ("aten.round.default", "aten.round_.default"), ("round",),
          "nearest integer (half to even); jumps at every half-integer", impl="jump"),
     Rule("trunc", 1, "jump", {},
-         (_k("n", "0", "0", _JUMP, False, False, lattice="integers",
+         (_k("n", "0", "0", _JUMP, False, False, lattice="nonzero_integers",
              left_value="Piecewise((n - 1, n > 0), (n, True))",
              right_value="Piecewise((n, n > 0), (n + 1, True))"),),
          ("aten.trunc.default", "aten.trunc_.default", "aten.fix.default"), (),

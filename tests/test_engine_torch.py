@@ -497,3 +497,8 @@ def test_inf_norm_ties_and_zero():
     assert as_set(a.b_subdifferential) == {(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)}
     b = audit(f, t64(1.0, -1.0))
     assert b.exact and as_set(b.b_subdifferential) == {(1.0, 0.0), (0.0, -1.0)}
+
+
+def test_threshold_is_a_jump_only_when_value_differs():
+    assert audit(lambda x: torch.threshold(x, 0.0, 0.0), t64(0.0)).verdict is Verdict.CLARKE
+    assert audit(lambda x: torch.threshold(x, 0.5, -2.0), t64(0.5)).verdict is Verdict.NOT_LIPSCHITZ
