@@ -354,6 +354,27 @@ def _site_assign(seed: int, choice: str):
     return assign
 
 
+def _assignments(sites: dict, n_directions: int, seed: int) -> list:
+    """Vertex choices to try: every combination when there are at most n_directions + 2,
+    else all-first, all-last and n_directions random ones."""
+    order = sorted(sites.values(), key=lambda s: (s.node, str(s.key)))
+    radices = [max(1, len(s.options)) for s in order]
+    n_combos = int(np.prod(radices, dtype=float)) if radices else 1
+    if n_combos > n_directions + 2:
+        return ([_site_assign(0, "first"), _site_assign(0, "last")]
+                + [_site_assign(seed * 100003 + j, "random") for j in range(n_directions)])
+    index = {(s.node, _key_hash(s.key)): i for i, s in enumerate(order)}
+    out = []
+    for c in range(n_combos):
+        digits, r = [], c
+        for b in radices:
+            digits.append(r % b)
+            r //= b
+        out.append(lambda site, d=digits: d[index[(site.node, _key_hash(site.key))]]
+                   if (site.node, _key_hash(site.key)) in index else 0)
+    return out
+
+
 def _key_hash(key):
     return tuple(tuple(k.tolist()) if isinstance(k, np.ndarray) else k for k in key)
 
@@ -441,22 +462,7 @@ def _analyse(P: _Problem, *, exact_budget: int, n_directions: int, seed: int, ne
 
     # 3. AD-selection Jacobians: every vertex choice when there are few, else the all-first,
     #    all-last and n_directions random ones.
-    order = sorted(sites.values(), key=lambda s: (s.node, str(s.key)))
-    radices = [max(1, len(s.options)) for s in order]
-    n_combos = int(np.prod(radices, dtype=float)) if radices else 1
-    if n_combos <= n_directions + 2:
-        index = {(s.node, _key_hash(s.key)): i for i, s in enumerate(order)}
-        assigns = []
-        for c in range(n_combos):
-            digits, r = [], c
-            for b in radices:
-                digits.append(r % b)
-                r //= b
-            assigns.append(lambda site, d=digits: d[index[(site.node, _key_hash(site.key))]]
-                           if (site.node, _key_hash(site.key)) in index else 0)
-    else:
-        assigns = [_site_assign(0, "first"), _site_assign(0, "last")]
-        assigns += [_site_assign(seed * 100003 + j, "random") for j in range(n_directions)]
+    assigns = _assignments(sites, n_directions, seed)
     for idx, assign in enumerate(assigns):
         if idx >= 10 and idx % 8 == 2 and settled():
             break
@@ -946,11 +952,12 @@ def clarke_jacobian(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int 
 
 def selection_jacobians(f: Callable, x, *, kink_tol: float = 0.0, n_directions: int = 64, seed: int = 0) -> np.ndarray:
     """The distinct Jacobians AD would return for vertex derivative choices at the active
-    kinks (all choices first, all last, and ``n_directions`` random ones), shape (m, out, in).
+    kinks (every combination when there are few, else all first, all last and
+    ``n_directions`` random ones), shape (m, out, in).
 
     >>> import torch
-    >>> selection_jacobians(lambda x: torch.relu(x) - torch.relu(-x), torch.zeros(1)).reshape(-1).tolist()
-    [0.0, 2.0, 1.0]
+    >>> sorted(selection_jacobians(lambda x: torch.relu(x) - torch.relu(-x), torch.zeros(1)).reshape(-1).tolist())
+    [0.0, 1.0, 2.0]
     """
     P = _Problem(f, x, kink_tol=kink_tol)
     if P.graph is None:
@@ -958,7 +965,5 @@ def selection_jacobians(f: Callable, x, *, kink_tol: float = 0.0, n_directions: 
     leaf0 = P.run(F.LexPolicy())[0]
     if not P.interp.sites_seen:
         return leaf0.jac[None]
-    out = []
-    for choice, s in [("first", 0), ("last", 0)] + [("random", seed * 100003 + j) for j in range(n_directions)]:
-        out.append(P.run(F.AssignPolicy(_site_assign(s, choice)))[0].jac)
+    out = [P.run(F.AssignPolicy(a))[0].jac for a in _assignments(dict(P.interp.sites_seen), n_directions, seed)]
     return np.stack(_distinct(out))
