@@ -26,6 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -245,6 +246,591 @@ DEFINE_L2(l2_f64, double, fill_f64)
 DEFINE_KL(kl_f32, float, fill_f32)
 DEFINE_KL(kl_f64, double, fill_f64)
 
+/* ------------------------------------------------------------------ fused soft sort/rank
+ *
+ * One call per forward and one per backward of soft sort/rank (see _soft_sort_core.py
+ * for the maths): for every row, sort, isotonic pass and output assembly; for the
+ * backward, the block-wise vector-Jacobian product.  The Python layer then pays one
+ * call instead of a dozen NumPy passes and temporaries.
+ */
+
+/* IEEE order as unsigned order: flip every bit of negatives, the sign bit of the rest. */
+static inline uint64_t key_f64(double d)
+{
+    uint64_t b;
+    memcpy(&b, &d, sizeof b);
+    return b ^ ((uint64_t)((int64_t)b >> 63) | UINT64_C(0x8000000000000000));
+}
+
+static inline uint64_t key_f32(float f)
+{
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return (uint64_t)(b ^ ((uint32_t)((int32_t)b >> 31) | UINT32_C(0x80000000)));
+}
+
+/*
+ * Stable LSD radix sort of (key, idx) pairs on bytes [lo, hi) of the keys, one byte per
+ * pass; a pass whose byte is the same for every key is skipped.  Returns the index
+ * buffer that holds the result and sets *keys to its keys.  Radix beats comparison
+ * sorts here because it does no data-dependent branching.
+ */
+static uint32_t *radix_pass(uint64_t *ka, uint32_t *ia, uint64_t *kb, uint32_t *ib,
+                            Py_ssize_t n, int lo, int hi, uint64_t **keys)
+{
+    uint32_t hist[8][256];
+    memset(hist, 0, sizeof hist);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t k = ka[i];
+        for (int b = lo; b < hi; b++)
+            hist[b][(k >> (8 * b)) & 255]++;
+    }
+    uint64_t *ks = ka, *kd = kb;
+    uint32_t *is = ia, *id = ib;
+    for (int b = lo; b < hi; b++) {
+        uint32_t *h = hist[b];
+        if (h[(ks[0] >> (8 * b)) & 255] == (uint32_t)n)
+            continue;
+        uint32_t sum = 0;
+        for (int d = 0; d < 256; d++) {
+            uint32_t c = h[d];
+            h[d] = sum;
+            sum += c;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t k = ks[i];
+            uint32_t p = h[(k >> (8 * b)) & 255]++;
+            kd[p] = k;
+            id[p] = is[i];
+        }
+        uint64_t *tk = ks;
+        ks = kd;
+        kd = tk;
+        uint32_t *ti = is;
+        is = id;
+        id = ti;
+    }
+    *keys = ks;
+    return is;
+}
+
+/*
+ * Sort (key, i) pairs, keys in ka and ia = 0..n-1, by key then index.  Most rows are
+ * settled by a radix sort on the top bytes only (enough of them to separate n random
+ * keys) and an insertion pass on the full keys, which is O(n) when the top bytes
+ * already order almost everything; rows where it is not (many keys sharing their top
+ * bytes) are redone with every byte, so the worst case stays O(n).
+ */
+static uint32_t *radix_sort(uint64_t *ka, uint32_t *ia, uint64_t *kb, uint32_t *ib,
+                            Py_ssize_t n, int nbytes)
+{
+    int bits = 10;
+    while (bits < 64 && ((Py_ssize_t)1 << (bits - 10)) < n)
+        bits++;
+    const int top = (bits + 7) / 8;
+    uint64_t *keys;
+    if (top >= nbytes)
+        return radix_pass(ka, ia, kb, ib, n, 0, nbytes, &keys);
+    uint32_t *idx = radix_pass(ka, ia, kb, ib, n, nbytes - top, nbytes, &keys);
+    Py_ssize_t budget = 4 * n + 64;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        const uint64_t k = keys[i];
+        const uint32_t v = idx[i];
+        Py_ssize_t j = i;
+        while (j > 0 && (keys[j - 1] > k || (keys[j - 1] == k && idx[j - 1] > v))) {
+            keys[j] = keys[j - 1];
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        keys[j] = k;
+        idx[j] = v;
+        budget -= i - j;
+        if (budget < 0)
+            break;
+    }
+    if (budget >= 0)
+        return idx;
+    /* Too many keys share their top bytes: sort the pairs (still all there, equal keys
+       still in index order) on every byte; the radix is stable. */
+    uint64_t *k2 = (keys == ka) ? kb : ka;
+    uint32_t *i2 = (idx == ia) ? ib : ia;
+    return radix_pass(keys, idx, k2, i2, n, 0, nbytes, &keys);
+}
+
+typedef struct {
+    uint64_t *ka, *kb;
+    uint32_t *ia, *ib;
+    Py_ssize_t *start;
+    double *acc_a, *acc_b, *value, *u, *y;
+    double *glog; /* glog[L] = log sum_{k<L} q^k, q = exp(-step); NaN until needed */
+    double gq;    /* q */
+    double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
+    double *gsum;
+    Py_ssize_t glen;
+} Work;
+
+/* log of the sum of exp over a block of length L of an arithmetic sequence with step
+   -d, relative to its first term; extended on demand and shared by all rows. */
+static inline double geo_log(Work *wk, Py_ssize_t L)
+{
+    while (wk->glen < L) {
+        Py_ssize_t k = ++wk->glen;
+        wk->gpow[k] = (k == 1) ? 1.0 : wk->gpow[k - 1] * wk->gq;
+        wk->gsum[k] = (k == 1) ? 1.0 : wk->gsum[k - 1] + wk->gpow[k];
+        wk->glog[k] = log(wk->gsum[k]);
+    }
+    return wk->glog[L];
+}
+
+/*
+ * Forward for one row.  u = alpha * x[perm] sorted descending; in sorted coordinates
+ * s (the fitted vector) and w (the target):  rank: s = u, w = rho;  sort: s = rho/eps,
+ * w = u.  y = s - w; v = iso(y) (L2) or iso_kl(s, w); result = w + (y - v), so a
+ * singleton block returns w exactly.  The arithmetic in T matches the NumPy fallback.
+ *
+ * KL pooling: both s and w are non-increasing, so a block's first element is the max
+ * of both: a block keeps (first s, first w, sum exp(data - first)) and the arithmetic
+ * side (rho or rho/eps) comes from a shared table, so a merge costs one exp and one log.
+ */
+#define DEFINE_SOFT_ROW(NAME, T, KEY, NBYTES)                                            \
+    static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
+                     int rank, int kl, double eps, double a, Work *wk)                   \
+    {                                                                                    \
+        const int desc = a > 0; /* sort x descending to get u descending */              \
+        for (Py_ssize_t i = 0; i < n; i++) {                                             \
+            uint64_t k = KEY(x[i]);                                                      \
+            wk->ka[i] = desc ? ~k : k;                                                   \
+            wk->ia[i] = (uint32_t)i;                                                     \
+        }                                                                                \
+        const uint32_t *idx = radix_sort(wk->ka, wk->ia, wk->kb, wk->ib, n, NBYTES);     \
+        const T ta = (T)a, teps = (T)eps;                                                \
+        double *u = wk->u, *y = wk->y;                                                   \
+        for (Py_ssize_t i = 0; i < n; i++) {                                             \
+            const uint32_t p = idx[i];                                                   \
+            perm[i] = (int64_t)p;                                                        \
+            const T ui = (a == 1.0) ? x[p] : (T)(ta * x[p]);                             \
+            const T ri = (T)(n - i);                                                     \
+            u[i] = (double)ui;                                                           \
+            y[i] = rank ? (double)(T)(ui - ri) : (double)(T)(ri / teps - ui);            \
+        }                                                                                \
+        Py_ssize_t *st = wk->start;                                                      \
+        double *va = wk->acc_a, *vb = wk->acc_b, *val = wk->value;                       \
+        Py_ssize_t top = 0;                                                              \
+        if (!kl) {                                                                       \
+            for (Py_ssize_t i = 0; i < n; i++) {                                         \
+                double m = y[i], ww = 1.0;                                               \
+                Py_ssize_t s = i;                                                        \
+                while (top > 0 && va[top - 1] <= m) {                                    \
+                    top--;                                                               \
+                    const double ma = va[top], wa = vb[top];                             \
+                    const double total = wa + ww;                                        \
+                    const double d = m - ma;                                             \
+                    s = st[top];                                                         \
+                    if (isinf(d))                                                        \
+                        m = ma * (wa / total) + m * (ww / total);                        \
+                    else                                                                 \
+                        m = ma + d * (ww / total);                                       \
+                    ww = total;                                                          \
+                }                                                                        \
+                st[top] = s;                                                             \
+                va[top] = m;                                                             \
+                vb[top] = ww;                                                            \
+                top++;                                                                   \
+            }                                                                            \
+            for (Py_ssize_t k = 0; k < top; k++)                                         \
+                val[k] = va[k];                                                          \
+        }                                                                                \
+        else {                                                                           \
+            /* va: first data value of the block, vb: sum exp(data - first). */          \
+            for (Py_ssize_t i = 0; i < n; i++) {                                         \
+                double md = u[i], sd = 1.0;                                              \
+                double x_ = rank ? u[i] - (double)(T)(n - i)                             \
+                                 : (double)((T)(n - i) / teps) - u[i];                   \
+                Py_ssize_t s = i;                                                        \
+                while (top > 0 && val[top - 1] <= x_) {                                  \
+                    top--;                                                               \
+                    sd = vb[top] + sd * exp(md - va[top]);                               \
+                    md = va[top];                                                        \
+                    s = st[top];                                                         \
+                    const double lg = geo_log(wk, i + 1 - s);                            \
+                    const double ar = rank ? (double)(T)(n - s)                          \
+                                           : (double)((T)(n - s) / teps);                \
+                    x_ = rank ? (md + log(sd)) - (ar + lg) : (ar + lg) - (md + log(sd)); \
+                }                                                                        \
+                st[top] = s;                                                             \
+                va[top] = md;                                                            \
+                vb[top] = sd;                                                            \
+                val[top] = x_;                                                           \
+                top++;                                                                   \
+            }                                                                            \
+        }                                                                                \
+        /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
+           s - w keeps only the top bits of w (see _resolve_pooled_sort). */             \
+        const int resolve = !rank && n > 1 &&                                            \
+            (double)n / eps > 16.0 * fmax(fabs(u[0]), fabs(u[n - 1]));                   \
+        const double lq1 = resolve && kl ? log(-expm1(-1.0 / eps)) : 0.0;                \
+        for (Py_ssize_t k = 0; k < top; k++) {                                           \
+            const Py_ssize_t s = st[k];                                                  \
+            const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                          \
+            const T vk = (T)val[k];                                                      \
+            const Py_ssize_t L = e - s;                                                  \
+            double base = 0.0, lgL = 0.0;                                                \
+            const int closed = resolve && L > 1;                                         \
+            if (closed) {                                                                \
+                if (kl) {                                                                \
+                    base = va[k] + log(vb[k]);                                           \
+                    lgL = log(-expm1(-(double)L / eps));                                 \
+                }                                                                        \
+                else {                                                                   \
+                    double sum = 0.0;                                                    \
+                    for (Py_ssize_t j = s; j < e; j++)                                   \
+                        sum += u[j];                                                     \
+                    base = sum / (double)L;                                              \
+                }                                                                        \
+            }                                                                            \
+            for (Py_ssize_t j = s; j < e; j++) {                                         \
+                T r;                                                                     \
+                if (closed)                                                              \
+                    r = kl ? (T)(base - (double)(j - s) / eps - lgL + lq1)               \
+                           : (T)(base + ((double)(L - 1) / 2.0 - (double)(j - s)) / eps); \
+                else {                                                                   \
+                    const T w = rank ? (T)(n - j) : (T)u[j];                             \
+                    r = (T)((T)((T)y[j] - vk) + w);                                      \
+                }                                                                        \
+                blk[j] = (int64_t)s;                                                     \
+                if (rank)                                                                \
+                    out[perm[j]] = r;                                                    \
+                else                                                                     \
+                    out[j] = desc ? r : -r;                                              \
+            }                                                                            \
+        }                                                                                \
+    }
+
+DEFINE_SOFT_ROW(soft_row_f64, double, key_f64, 8)
+DEFINE_SOFT_ROW(soft_row_f32, float, key_f32, 4)
+
+/*
+ * Backward for one row: dx[perm_j] = p_j sum_B g (sort) or a (g_j - p_j sum_B g) with
+ * g_j = g[perm_j] (rank), p = 1/|B| (L2) or softmax(u_B) (KL), sums in double.
+ * Singleton blocks (p = 1) need no reduction.  `e` is a row of scratch.
+ */
+#define DEFINE_SOFT_VJP(NAME, T)                                                         \
+    static void NAME(const T *x, const int64_t *perm, const int64_t *blk, const T *g,    \
+                     T *dx, Py_ssize_t n, int rank, int kl, double a, double *e)         \
+    {                                                                                    \
+        Py_ssize_t s = 0;                                                                \
+        while (s < n) {                                                                  \
+            Py_ssize_t end = s + 1;                                                      \
+            while (end < n && blk[end] == blk[s])                                        \
+                end++;                                                                   \
+            if (end - s == 1) {                                                          \
+                dx[perm[s]] = rank ? (T)0 : g[s];                                        \
+                s = end;                                                                 \
+                continue;                                                                \
+            }                                                                            \
+            double sum = 0.0;                                                            \
+            for (Py_ssize_t j = s; j < end; j++)                                         \
+                sum += (double)(rank ? g[perm[j]] : g[j]);                               \
+            if (kl) {                                                                    \
+                const double top = a * (double)x[perm[s]];                               \
+                double z = 0.0;                                                          \
+                for (Py_ssize_t j = s; j < end; j++) {                                   \
+                    e[j] = exp(a * (double)x[perm[j]] - top);                            \
+                    z += e[j];                                                           \
+                }                                                                        \
+                const double c = sum / z;                                                \
+                for (Py_ssize_t j = s; j < end; j++) {                                   \
+                    const double r = e[j] * c;                                           \
+                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - r)) : (T)r;       \
+                }                                                                        \
+            }                                                                            \
+            else {                                                                       \
+                const double c = sum / (double)(end - s);                                \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - c)) : (T)c;       \
+            }                                                                            \
+            s = end;                                                                     \
+        }                                                                                \
+    }
+
+DEFINE_SOFT_VJP(soft_vjp_f64, double)
+DEFINE_SOFT_VJP(soft_vjp_f32, float)
+
+static double soft_alpha(int rank, double eps, int descending)
+{
+    const double sign = descending ? -1.0 : 1.0;
+    return rank ? sign / eps : -sign;
+}
+
+/* Acquire a 2-D C-contiguous buffer of format `want` and shape (rows, n) (rows < 0:
+   any).  Returns 0 with the buffer held, -1 with an exception set and nothing held. */
+static int get_shaped(PyObject *obj, Py_buffer *view, const char *name, int writable,
+                      int want, Py_ssize_t rows, Py_ssize_t n)
+{
+    int f = get_array(obj, view, name, writable);
+    if (f == FMT_BAD)
+        return -1;
+    if (f != want) {
+        PyErr_Format(PyExc_TypeError, "%s must be %s, got %s", name, format_name(want),
+                     format_name(f));
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (rows >= 0 && (view->shape[0] != rows || view->shape[1] != n)) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %zd), got (%zd, %zd)",
+                     name, rows, n, view->shape[0], view->shape[1]);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * soft_forward(x, out, perm, block, rank, kl, eps, descending) -> status
+ * status 0: done; 1: x holds NaN/inf; 2: the scaled keys would overflow x's dtype.
+ * On a nonzero status nothing has been written (the caller raises the detailed error).
+ */
+static PyObject *soft_forward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *oo, *po, *bo;
+    int rank, kl, descending;
+    double eps;
+    if (!PyArg_ParseTuple(args, "OOOOppdp:soft_forward", &xo, &oo, &po, &bo, &rank, &kl,
+                          &eps, &descending))
+        return NULL;
+    if (!(eps > 0.0) || !isfinite(eps)) {
+        PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
+                     PyTuple_GET_ITEM(args, 6));
+        return NULL;
+    }
+    Py_buffer xb, ob, pb, bb;
+    int held = 0;
+    PyObject *result = NULL;
+    Work wk;
+    memset(&wk, 0, sizeof wk);
+    int fx = get_array(xo, &xb, "x", 0);
+    if (fx == FMT_BAD)
+        return NULL;
+    held = 1;
+    if (fx != FMT_F32 && fx != FMT_F64) {
+        PyErr_Format(PyExc_TypeError, "x must be float32 or float64, got %s",
+                     format_name(fx));
+        goto done;
+    }
+    const Py_ssize_t rows = xb.shape[0], n = xb.shape[1];
+    if (get_shaped(oo, &ob, "out", 1, fx, rows, n) < 0)
+        goto done;
+    held = 2;
+    if (get_shaped(po, &pb, "perm", 1, FMT_I64, rows, n) < 0)
+        goto done;
+    held = 3;
+    if (get_shaped(bo, &bb, "block", 1, FMT_I64, rows, n) < 0)
+        goto done;
+    held = 4;
+    if (rows == 0 || n == 0) {
+        result = PyLong_FromLong(0);
+        goto done;
+    }
+    if ((uint64_t)n >= UINT32_MAX || (size_t)n > ((size_t)PY_SSIZE_T_MAX) / 64) {
+        PyErr_Format(PyExc_ValueError, "rows of length %zd are too long", n);
+        goto done;
+    }
+    const size_t sz = (size_t)n;
+    wk.ka = PyMem_RawMalloc(2 * sz * sizeof(uint64_t));
+    wk.ia = PyMem_RawMalloc(2 * sz * sizeof(uint32_t));
+    wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
+    wk.acc_a = PyMem_RawMalloc(5 * sz * sizeof(double));
+    wk.glog = kl ? PyMem_RawMalloc(3 * (sz + 1) * sizeof(double)) : NULL;
+    if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.glog)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    wk.kb = wk.ka + sz;
+    wk.ib = wk.ia + sz;
+    wk.acc_b = wk.acc_a + sz;
+    wk.value = wk.acc_a + 2 * sz;
+    wk.u = wk.acc_a + 3 * sz;
+    wk.y = wk.acc_a + 4 * sz;
+    if (kl) {
+        wk.gpow = wk.glog + (sz + 1);
+        wk.gsum = wk.glog + 2 * (sz + 1);
+        /* the arithmetic side: rho (step 1) for rank, rho / eps for sort */
+        wk.gq = exp(rank ? -1.0 : -1.0 / eps);
+        wk.glen = 0;
+    }
+    {
+        const double a = soft_alpha(rank, eps, descending);
+        const Py_ssize_t total = rows * n;
+        int status = 0;
+        Py_BEGIN_ALLOW_THREADS
+        /* Validate every value before any output is written. */
+        double max_abs = 0.0;
+        if (fx == FMT_F64) {
+            const double *x = (const double *)xb.buf;
+            for (Py_ssize_t i = 0; i < total; i++) {
+                const double ax = fabs(x[i]);
+                max_abs = ax > max_abs ? ax : max_abs;
+                if (!(ax <= DBL_MAX)) {
+                    status = 1;
+                    break;
+                }
+            }
+        }
+        else {
+            const float *x = (const float *)xb.buf;
+            for (Py_ssize_t i = 0; i < total; i++) {
+                const double ax = fabs((double)x[i]);
+                max_abs = ax > max_abs ? ax : max_abs;
+                if (!(ax <= FLT_MAX)) {
+                    status = 1;
+                    break;
+                }
+            }
+        }
+        if (status == 0) {
+            const double limit = (fx == FMT_F64 ? DBL_MAX : (double)FLT_MAX) / 8.0;
+            const double scaled = rank ? max_abs / eps
+                                       : fmax((double)n / eps, max_abs);
+            if (!(scaled < limit))
+                status = 2;
+        }
+        if (status == 0) {
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                int64_t *p = (int64_t *)pb.buf + r * n;
+                int64_t *b = (int64_t *)bb.buf + r * n;
+                if (fx == FMT_F64)
+                    soft_row_f64((const double *)xb.buf + r * n, (double *)ob.buf + r * n,
+                                 p, b, n, rank, kl, eps, a, &wk);
+                else
+                    soft_row_f32((const float *)xb.buf + r * n, (float *)ob.buf + r * n,
+                                 p, b, n, rank, kl, eps, a, &wk);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromLong(status);
+    }
+done:
+    PyMem_RawFree(wk.ka);
+    PyMem_RawFree(wk.ia);
+    PyMem_RawFree(wk.start);
+    PyMem_RawFree(wk.acc_a);
+    PyMem_RawFree(wk.glog);
+    if (held >= 4)
+        PyBuffer_Release(&bb);
+    if (held >= 3)
+        PyBuffer_Release(&pb);
+    if (held >= 2)
+        PyBuffer_Release(&ob);
+    PyBuffer_Release(&xb);
+    return result;
+}
+
+/* soft_backward(x, perm, block, g, dx, rank, kl, eps, descending) -> None */
+static PyObject *soft_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *xo, *po, *bo, *go, *dxo;
+    int rank, kl, descending;
+    double eps;
+    if (!PyArg_ParseTuple(args, "OOOOOppdp:soft_backward", &xo, &po, &bo, &go, &dxo, &rank,
+                          &kl, &eps, &descending))
+        return NULL;
+    if (!(eps > 0.0) || !isfinite(eps)) {
+        PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
+                     PyTuple_GET_ITEM(args, 7));
+        return NULL;
+    }
+    Py_buffer xb, pb, bb, gb, db;
+    int held = 0;
+    PyObject *result = NULL;
+    double *scratch = NULL;
+    int fx = get_array(xo, &xb, "x", 0);
+    if (fx == FMT_BAD)
+        return NULL;
+    held = 1;
+    if (fx != FMT_F32 && fx != FMT_F64) {
+        PyErr_Format(PyExc_TypeError, "x must be float32 or float64, got %s",
+                     format_name(fx));
+        goto done;
+    }
+    const Py_ssize_t rows = xb.shape[0], n = xb.shape[1];
+    if (get_shaped(po, &pb, "perm", 0, FMT_I64, rows, n) < 0)
+        goto done;
+    held = 2;
+    if (get_shaped(bo, &bb, "block", 0, FMT_I64, rows, n) < 0)
+        goto done;
+    held = 3;
+    if (get_shaped(go, &gb, "g", 0, fx, rows, n) < 0)
+        goto done;
+    held = 4;
+    if (get_shaped(dxo, &db, "dx", 1, fx, rows, n) < 0)
+        goto done;
+    held = 5;
+    if (rows == 0 || n == 0) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+        goto done;
+    }
+    if (kl) {
+        scratch = PyMem_RawMalloc((size_t)n * sizeof(double));
+        if (!scratch) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    {
+        /* perm indexes x, g and dx: every entry must be a valid column. */
+        const int64_t *perm = (const int64_t *)pb.buf;
+        const Py_ssize_t total = rows * n;
+        Py_ssize_t bad = -1;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < total; i++)
+            if (perm[i] < 0 || perm[i] >= n) {
+                bad = i;
+                break;
+            }
+        Py_END_ALLOW_THREADS
+        if (bad >= 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "perm must hold column indices in [0, %zd), got %lld at flat "
+                         "position %zd", n, (long long)perm[bad], bad);
+            goto done;
+        }
+    }
+    {
+        const double a = soft_alpha(rank, eps, descending);
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const int64_t *p = (const int64_t *)pb.buf + r * n;
+            const int64_t *b = (const int64_t *)bb.buf + r * n;
+            if (fx == FMT_F64)
+                soft_vjp_f64((const double *)xb.buf + r * n, p, b,
+                             (const double *)gb.buf + r * n, (double *)db.buf + r * n, n,
+                             rank, kl, a, scratch);
+            else
+                soft_vjp_f32((const float *)xb.buf + r * n, p, b,
+                             (const float *)gb.buf + r * n, (float *)db.buf + r * n, n,
+                             rank, kl, a, scratch);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_RawFree(scratch);
+    if (held >= 5)
+        PyBuffer_Release(&db);
+    if (held >= 4)
+        PyBuffer_Release(&gb);
+    if (held >= 3)
+        PyBuffer_Release(&bb);
+    if (held >= 2)
+        PyBuffer_Release(&pb);
+    PyBuffer_Release(&xb);
+    return result;
+}
+
 /* ------------------------------------------------------------------ entry point */
 
 static PyObject *run_pav(PyObject *args, int is_kl)
@@ -403,6 +989,15 @@ static PyMethodDef pav_methods[] = {
      "kl(y, w, out_v, out_block)\n--\n\n"
      "Non-increasing fit argmin sum exp(y - v) + exp(w) v of every row; block value\n"
      "logsumexp(y_B) - logsumexp(w_B), pooled in the log domain. Outputs as in l2."},
+    {"soft_forward", soft_forward, METH_VARARGS,
+     "soft_forward(x, out, perm, block, rank, kl, eps, descending) -> status\n--\n\n"
+     "Soft rank (rank=True) or soft sort of every row of x (2-D, C-contiguous float32/\n"
+     "float64): sort, isotonic pass and output in one call. Writes out (x's dtype), the\n"
+     "row-wise order perm and the block starts (int64). Returns 0, or 1 (x holds NaN/inf)\n"
+     "or 2 (the scaled values overflow x's dtype) with nothing written."},
+    {"soft_backward", soft_backward, METH_VARARGS,
+     "soft_backward(x, perm, block, g, dx, rank, kl, eps, descending)\n--\n\n"
+     "Vector-Jacobian product of soft_forward: writes J(x)^T g into dx (x's dtype)."},
     {NULL, NULL, 0, NULL},
 };
 

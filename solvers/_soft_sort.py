@@ -50,9 +50,8 @@ def _numpy(values, op: str, fn: str, regularization, strength, direction):
                          f"{values.shape}")
     work = _numpy_compute_dtype(values.dtype, fn)
     x2 = np.ascontiguousarray(values, dtype=work).reshape(-1, n)
-    _core.check_scale(_core.check_finite_rows(x2), n, work, op=op, strength=strength)
-    out, _, _ = _core.forward_rows(x2, op=op, regularization=regularization,
-                                   strength=strength, descending=direction == "descending")
+    out, _, _ = _core.forward_checked(x2, op=op, regularization=regularization,
+                                      strength=strength, descending=direction == "descending")
     return out.reshape(values.shape).astype(values.dtype, copy=False)
 
 

@@ -36,7 +36,7 @@ import threading
 
 import numpy as np
 
-from ._isotonic import pav_rows
+from ._isotonic import _ext, pav_rows
 
 REGULARIZATIONS = ("l2", "kl")
 DIRECTIONS = ("ascending", "descending")
@@ -219,14 +219,64 @@ def _resolve_pooled_sort(y, w, block, *, regularization: str, strength: float) -
     y.reshape(-1)[members] = out
 
 
+# The fused C kernels (one call per forward, one per backward); None without the build.
+_FUSED = getattr(_ext, "soft_forward", None) is not None
+
+
+def _fusable(a: np.ndarray) -> bool:
+    return (_FUSED and a.dtype in (np.float32, np.float64) and a.dtype.isnative
+            and a.ndim == 2 and a.flags.c_contiguous)
+
+
+def forward_checked(x2: np.ndarray, *, op: str, regularization: str, strength: float,
+                    descending: bool, out=None, perm=None, block=None):
+    """Validate (NaN/inf, overflow) and run the forward on a C-contiguous float32/64 array.
+
+    With the C kernel the scan for bad values happens in the same call, before anything
+    is written; ``out``/``perm``/``block`` may be given as preallocated outputs (x2's
+    dtype, int64, int64, x2's shape). Raises what :func:`check_finite_rows` and
+    :func:`check_scale` raise.
+    """
+    rows, n = x2.shape
+    if not _fusable(x2):
+        check_scale(check_finite_rows(x2), n, x2.dtype, op=op, strength=strength)
+        return _forward_rows_numpy(x2, op=op, regularization=regularization,
+                                   strength=strength, descending=descending)
+    if out is None:
+        out = np.empty_like(x2)
+    if perm is None:
+        perm = np.empty(x2.shape, dtype=np.int64)
+    if block is None:
+        block = np.empty(x2.shape, dtype=np.int64)
+    status = _ext.soft_forward(x2, out, perm, block, op == "rank", regularization == "kl",
+                               strength, descending)
+    if status:
+        # The kernel wrote nothing; the NumPy checks say exactly what is wrong.
+        check_scale(check_finite_rows(x2), n, x2.dtype, op=op, strength=strength)
+        raise ValueError(f"values could not be processed (kernel status {status}); they "
+                         "must be finite and small enough for regularization_strength "
+                         f"{strength!r}")
+    return out, perm, block
+
+
 def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: float,
                  descending: bool):
     """Soft sort/rank of every row of a finite, C-contiguous float32/float64 (R, n) array.
 
     Returns ``(out, perm, block)``: ``out`` like ``x2``; int64 ``perm`` (row-wise order
     that sorts ``alpha * x`` descending) and int64 ``block`` (PAV block starts in sorted
-    coordinates).
+    coordinates). Runs the fused C kernel when it is built, else the NumPy pipeline.
     """
+    if _fusable(x2):
+        return forward_checked(x2, op=op, regularization=regularization, strength=strength,
+                               descending=descending)
+    return _forward_rows_numpy(x2, op=op, regularization=regularization, strength=strength,
+                               descending=descending)
+
+
+def _forward_rows_numpy(x2: np.ndarray, *, op: str, regularization: str, strength: float,
+                        descending: bool):
+    """The NumPy forward (fallback without the C build, and a second implementation)."""
     rows, n = x2.shape
     dtype = x2.dtype
     if rows == 0:
@@ -345,8 +395,28 @@ def _pooled_vjp(gs, u, start_flags, *, op, regularization):
     return gs - e if op == "rank" else e
 
 
-def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending):
+def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending, out=None):
     """Vector-Jacobian product ``J(x)^T g`` for rows, in ``x2``'s dtype.
+
+    One call of the C kernel when it is built and the arrays suit it (C-contiguous,
+    ``g2`` in ``x2``'s dtype, int64 ``perm``/``block``); ``out`` may be a preallocated
+    result. Otherwise the NumPy implementation below.
+    """
+    if (_fusable(x2) and isinstance(g2, np.ndarray) and g2.dtype == x2.dtype and perm.dtype == np.int64 and block.dtype == np.int64
+            and g2.shape == x2.shape and perm.shape == x2.shape and block.shape == x2.shape
+            and g2.flags.c_contiguous
+            and perm.flags.c_contiguous and block.flags.c_contiguous):
+        if out is None:
+            out = np.empty_like(x2)
+        _ext.soft_backward(x2, perm, block, g2, out, op == "rank", regularization == "kl",
+                           strength, descending)
+        return out
+    return _vjp_rows_numpy(x2, perm, block, g2, op=op, regularization=regularization,
+                           strength=strength, descending=descending)
+
+
+def _vjp_rows_numpy(x2, perm, block, g2, *, op, regularization, strength, descending):
+    """The NumPy vector-Jacobian product (fallback, and a second implementation).
 
     The backward of the torch op: O(n) per row with contiguous segment reductions
     (``add.reduceat``) over the sorted order, sums accumulated in float64. Singleton

@@ -20,9 +20,8 @@ def _host_forward(x, *, op, regularization, strength, descending):
     x = np.asarray(x)
     n = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, n)
-    _core.check_scale(_core.check_finite_rows(x2), n, x2.dtype, op=op, strength=strength)
-    out, perm, block = _core.forward_rows(x2, op=op, regularization=regularization,
-                                          strength=strength, descending=descending)
+    out, perm, block = _core.forward_checked(x2, op=op, regularization=regularization,
+                                             strength=strength, descending=descending)
     # int32 indices: valid with and without jax_enable_x64.
     return (out.reshape(x.shape), perm.astype(np.int32).reshape(x.shape),
             block.astype(np.int32).reshape(x.shape))

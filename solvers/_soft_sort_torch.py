@@ -36,13 +36,21 @@ def _to_device(array, like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_host(x, strength, regularization, rank, descending):
-    """The NumPy forward; returns (out, perm, block) tensors on ``x``'s device."""
+    """The host forward; returns (out, perm, block) tensors on ``x``'s device."""
     x2 = _host_rows(x)
     op = "rank" if rank else "sort"
-    _core.check_scale(_core.check_finite_rows(x2), x.shape[-1], x2.dtype, op=op,
-                      strength=strength)
-    out, perm, block = _core.forward_rows(x2, op=op, regularization=regularization,
-                                          strength=strength, descending=descending)
+    if x.device.type == "cpu" and _core._fusable(x2):
+        # The C kernel writes straight into the tensors' memory: no copies.
+        out = torch.empty(x.shape, dtype=x.dtype)
+        perm = torch.empty(x.shape, dtype=torch.int64)
+        block = torch.empty(x.shape, dtype=torch.int64)
+        _core.forward_checked(x2, op=op, regularization=regularization, strength=strength,
+                              descending=descending, out=out.numpy().reshape(x2.shape),
+                              perm=perm.numpy().reshape(x2.shape),
+                              block=block.numpy().reshape(x2.shape))
+        return out, perm, block
+    out, perm, block = _core.forward_checked(x2, op=op, regularization=regularization,
+                                             strength=strength, descending=descending)
     return _to_device(out, x), _to_device(perm, x), _to_device(block, x)
 
 

@@ -1,0 +1,149 @@
+"""The fused C soft sort/rank kernels against the NumPy pipeline and direct oracles."""
+import itertools
+
+import numpy as np
+import pytest
+from scipy.stats import rankdata
+
+from nonsmooth.solvers import _isotonic
+from nonsmooth.solvers import _soft_sort_core as core
+
+ext = _isotonic._ext
+pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "soft_forward"),
+                                reason="C extension not built")
+
+CASES = list(itertools.product(("rank", "sort"), ("l2", "kl"), (False, True)))
+
+
+def _fused(x, op, reg, eps, desc):
+    out = np.empty_like(x)
+    perm = np.empty(x.shape, np.int64)
+    block = np.empty(x.shape, np.int64)
+    status = ext.soft_forward(x, out, perm, block, op == "rank", reg == "kl", eps, desc)
+    return status, out, perm, block
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("eps", [1e-3, 0.3, 1.0, 50.0])
+def test_fused_forward_and_vjp_match_the_numpy_pipeline(dtype, eps):
+    rng = np.random.default_rng(1)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-4)
+    for shape in [(1, 1), (3, 2), (5, 7), (4, 100), (2, 3000)]:
+        x = rng.normal(size=shape).astype(dtype) * dtype(3.0)
+        if shape[1] > 3:
+            x[:, 2] = x[:, 0]  # ties
+        for op, reg, desc in CASES:
+            kw = dict(op=op, regularization=reg, strength=eps, descending=desc)
+            status, out, perm, block = _fused(x, op, reg, eps, desc)
+            assert status == 0
+            want, want_perm, want_block = core._forward_rows_numpy(x, **kw)
+            np.testing.assert_allclose(out, want, **tol)
+            np.testing.assert_array_equal(block, want_block)
+            # perm sorts alpha * x descending (ties may be ordered either way)
+            u = core.alpha(op, eps, desc) * np.take_along_axis(x.astype(float), perm, -1)
+            assert np.all(np.diff(u, axis=-1) <= 0)
+            assert np.array_equal(np.sort(perm, -1), np.broadcast_to(np.arange(shape[1]), shape))
+            g = rng.normal(size=shape).astype(dtype)
+            dx = np.empty_like(x)
+            ext.soft_backward(x, perm, block, g, dx, op == "rank", reg == "kl", eps, desc)
+            np.testing.assert_allclose(dx, core._vjp_rows_numpy(x, perm, block, g, **kw),
+                                       **tol)
+
+
+@pytest.mark.parametrize("n", [10, 1000, 70000])
+def test_keys_sharing_their_top_bytes_are_fully_sorted(n):
+    # Values equal in their top 40+ bits defeat the partial radix; the full pass must
+    # take over and still give the exact order and exact hard ranks.
+    rng = np.random.default_rng(2)
+    x = np.stack([1.0 + rng.permutation(n) * 2.0 ** -50, -1.0 - rng.permutation(n) * 2.0 ** -50])
+    for desc in (False, True):
+        status, out, perm, _ = _fused(x, "rank", "l2", 2.0 ** -52, desc)
+        assert status == 0
+        np.testing.assert_array_equal(out, np.apply_along_axis(rankdata, -1, -x if desc else x))
+        status, out, _, _ = _fused(x, "sort", "l2", 1e-9, desc)
+        np.testing.assert_array_equal(out, -np.sort(-x, -1) if desc else np.sort(x, -1))
+
+
+def test_ties_and_signed_zeros_keep_the_input_order():
+    x = np.array([[0.0, -0.0, 1.0, 1.0, -2.0, 0.0]])
+    status, out, perm, _ = _fused(x, "rank", "l2", 1e-3, False)
+    assert status == 0
+    np.testing.assert_array_equal(out, rankdata(x, axis=-1))
+
+
+def test_kl_pooling_of_long_blocks_matches_logsumexp():
+    # One block of everything (huge eps): rank value lse(s) - lse(rho), closed form.
+    from scipy.special import logsumexp
+    x = np.random.default_rng(3).normal(size=(1, 500))
+    eps = 1e4
+    _, out, perm, block = _fused(x, "rank", "kl", eps, False)
+    assert np.all(block == 0)
+    s = np.sort(x / eps)[:, ::-1]
+    rho = np.arange(500, 0, -1.0)
+    v = logsumexp(s) - logsumexp(rho)
+    want = np.empty_like(x)
+    want[0, perm[0]] = rho + ((s[0] - rho) - v)
+    np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input_returns_a_status_and_writes_nothing(bad):
+    x = np.zeros((2, 5))
+    x[1, 3] = bad
+    out = np.full_like(x, 7.0)
+    perm = np.full(x.shape, -1, np.int64)
+    block = np.full(x.shape, -1, np.int64)
+    assert ext.soft_forward(x, out, perm, block, True, False, 1.0, False) == 1
+    assert np.all(out == 7.0) and np.all(perm == -1) and np.all(block == -1)
+    with pytest.raises(ValueError, match=r"must be finite.*row 1, position 3"):
+        core.forward_checked(x, op="rank", regularization="l2", strength=1.0, descending=False)
+
+
+def test_overflowing_scale_returns_a_status():
+    x = np.full((1, 3), 1e300)
+    o, p, b = np.empty_like(x), np.empty(x.shape, np.int64), np.empty(x.shape, np.int64)
+    assert ext.soft_forward(x, o, p, b, True, False, 1e-10, False) == 2
+    with pytest.raises(ValueError, match="overflows float64"):
+        core.forward_checked(x, op="rank", regularization="l2", strength=1e-10,
+                             descending=False)
+
+
+def test_bad_buffers_are_refused_before_any_work():
+    x = np.zeros((2, 4))
+    o, p, b = np.empty_like(x), np.empty(x.shape, np.int64), np.empty(x.shape, np.int64)
+    with pytest.raises(TypeError, match="out must be float64, got float32"):
+        ext.soft_forward(x, o.astype(np.float32), p, b, True, False, 1.0, False)
+    with pytest.raises(ValueError, match=r"perm must have shape \(2, 4\)"):
+        ext.soft_forward(x, o, p[:, :3].copy(), b, True, False, 1.0, False)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ext.soft_forward(np.zeros((4, 2)).T, o, p, b, True, False, 1.0, False)
+    with pytest.raises(ValueError, match="writable"):
+        ro = np.empty_like(x)
+        ro.flags.writeable = False
+        ext.soft_forward(x, ro, p, b, True, False, 1.0, False)
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        ext.soft_forward(x, o, p, b, True, False, 0.0, False)
+    with pytest.raises(TypeError, match="x must be float32 or float64, got int64"):
+        ext.soft_forward(p, o, p, b, True, False, 1.0, False)
+    bad_perm = np.zeros(x.shape, np.int64)
+    bad_perm[1, 2] = 4
+    with pytest.raises(ValueError, match=r"perm must hold column indices in \[0, 4\), got 4"):
+        ext.soft_backward(x, bad_perm, b, x, o, True, True, 1.0, False)
+    with pytest.raises(TypeError, match="g must be float64, got float32"):
+        ext.soft_backward(x, p, b, x.astype(np.float32), o, True, True, 1.0, False)
+
+
+def test_vjp_against_float64_finite_differences_on_a_large_row():
+    # Many pooled blocks at n = 300: <g, (f(x + h t) - f(x - h t)) / 2h> = <J^T g, t>.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, 300)) * 300.0  # gaps ~ eps: a mix of pooled and single
+    t, g = rng.normal(size=(2, 1, 300))
+    h = 1e-6
+    for op, reg, desc in CASES:
+        kw = dict(op=op, regularization=reg, strength=0.5, descending=desc)
+        _, perm, block = core.forward_checked(x, **kw)
+        assert 10 < len(np.unique(block)) < 290  # some pooling happens
+        vg = core.vjp_rows(x, perm, block, g, **kw)
+        fp = core.forward_checked(x + h * t, **kw)[0]
+        fm = core.forward_checked(x - h * t, **kw)[0]
+        assert np.sum(g * (fp - fm) / (2 * h)) == pytest.approx(np.sum(vg * t), rel=1e-6)
