@@ -149,3 +149,45 @@ def test_vjp_against_float64_finite_differences_on_a_large_row():
         fp = core.forward_checked(x + h * t, **kw)[0]
         fm = core.forward_checked(x - h * t, **kw)[0]
         assert np.sum(g * (fp - fm) / (2 * h)) == pytest.approx(np.sum(vg * t), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_fast_path_matches_the_differentiable_torch_backward(dtype):
+    # Plain contiguous CPU tensors take the lean autograd.Function (C forward and
+    # backward); create_graph=True takes the torch-op backward. Both must agree, also for
+    # a non-contiguous input (which takes the general path) and any batch shape.
+    torch = pytest.importorskip("torch")
+    from nonsmooth.solvers import soft_rank, soft_sort
+    from nonsmooth.solvers._soft_sort_torch import _SoftSortRankCPU
+
+    dt = getattr(torch, dtype)
+    x = torch.randn(3, 2, 40, dtype=dt, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(3, 2, 40, dtype=dt, generator=torch.Generator().manual_seed(6))
+    for f in (soft_rank, soft_sort):
+        for reg in ("l2", "kl"):
+            kw = dict(regularization=reg, regularization_strength=0.2)
+            xa = x.clone().requires_grad_()
+            ya = f(xa, **kw)
+            assert type(ya.grad_fn).__name__ == _SoftSortRankCPU.__name__ + "Backward"
+            (fast,) = torch.autograd.grad(ya, xa, g)
+            xb = x.clone().requires_grad_()
+            (slow,) = torch.autograd.grad(f(xb, **kw), xb, g, create_graph=True)
+            tol = 1e-12 if dtype == "float64" else 1e-5
+            torch.testing.assert_close(fast, slow.detach(), atol=tol, rtol=tol)
+            xt = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+            assert not xt.is_contiguous()
+            yt = f(xt, **kw)
+            torch.testing.assert_close(yt, ya.detach(), atol=0, rtol=0)
+            (gt,) = torch.autograd.grad(yt, xt, g)
+            torch.testing.assert_close(gt, fast, atol=tol, rtol=tol)
+
+
+def test_torch_fast_path_rejects_nan_before_the_kernel():
+    torch = pytest.importorskip("torch")
+    from nonsmooth.solvers import soft_rank
+
+    x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        x[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"must be finite.*nan at row 1, position 4"):
+        soft_rank(x)
