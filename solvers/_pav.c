@@ -362,24 +362,48 @@ typedef struct {
     uint32_t *ia, *ib;
     Py_ssize_t *start;
     double *acc_a, *acc_b, *value, *u, *y;
-    double *glog; /* glog[L] = log sum_{k<L} q^k, q = exp(-step); NaN until needed */
-    double gq;    /* q */
+    double *ratio;
+    double gq;    /* q = exp(-step) of the arithmetic side */
     double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
     double *gsum;
     Py_ssize_t glen;
 } Work;
 
-/* log of the sum of exp over a block of length L of an arithmetic sequence with step
-   -d, relative to its first term; extended on demand and shared by all rows. */
-static inline double geo_log(Work *wk, Py_ssize_t L)
+/* Sum of exp over a block of length L of an arithmetic sequence with step -d, relative
+   to its first term: sum_{k<L} q^k, q = exp(-d); extended on demand, shared by rows. */
+static inline double geo_sum(Work *wk, Py_ssize_t L)
 {
     while (wk->glen < L) {
         Py_ssize_t k = ++wk->glen;
         wk->gpow[k] = (k == 1) ? 1.0 : wk->gpow[k - 1] * wk->gq;
         wk->gsum[k] = (k == 1) ? 1.0 : wk->gsum[k - 1] + wk->gpow[k];
-        wk->glog[k] = log(wk->gsum[k]);
     }
-    return wk->glog[L];
+    return wk->gsum[L];
+}
+
+static const double LOG1P_SIXTEENTHS[17] = {0.0, 0.06062462181643484, 0.11778303565638346, 0.17185025692665923, 0.22314355131420976, 0.27193371548364176, 0.3184537311185346, 0.3629054936893685, 0.4054651081081644, 0.44628710262841953, 0.48550781578170077, 0.5232481437645479, 0.5596157879354227, 0.5947071077466928, 0.6286086594223741, 0.661398482245365, 0.6931471805599453};
+
+/*
+ * Is  a + log(ra) <= b + log(rb)  (ra, rb > 0 ratios of sums in [1, n])?  Usually
+ * decided without a log: with q = rb / ra = m 2^e (1 <= m < 2), log q lies between
+ * e ln2 + log(1 + k/16) and e ln2 + log(1 + (k+1)/16), k the top 4 bits of m's
+ * fraction (with a margin far above the rounding of these terms).  Only a difference
+ * a - b inside that interval (width < 0.061) costs a log.
+ */
+static inline int kl_le(double a, double ra, double b, double rb)
+{
+    const double d = a - b;
+    const double q = rb / ra;
+    uint64_t bits;
+    memcpy(&bits, &q, sizeof bits);
+    const int e = (int)((bits >> 52) & 0x7ff) - 1023;
+    const unsigned k = (unsigned)((bits >> 48) & 15);
+    const double el = (double)e * 0.69314718055994530942;
+    if (d <= el + LOG1P_SIXTEENTHS[k] - 1e-9)
+        return 1;
+    if (d > el + LOG1P_SIXTEENTHS[k + 1] + 1e-9)
+        return 0;
+    return d <= log(q);
 }
 
 /*
@@ -389,8 +413,11 @@ static inline double geo_log(Work *wk, Py_ssize_t L)
  * singleton block returns w exactly.  The arithmetic in T matches the NumPy fallback.
  *
  * KL pooling: both s and w are non-increasing, so a block's first element is the max
- * of both: a block keeps (first s, first w, sum exp(data - first)) and the arithmetic
- * side (rho or rho/eps) comes from a shared table, so a merge costs one exp and one log.
+ * of both: a block keeps its first data value, sum exp(data - first), and its value as
+ * (log-free part, ratio) with value = part + log(ratio); the arithmetic side (rho or
+ * rho/eps) is a geometric sum from a shared table.  A merge costs one exp and one
+ * division; kl_le compares values without a log unless they are within 0.061, and
+ * each final block takes one log.
  */
 #define DEFINE_SOFT_ROW(NAME, T, KEY, NBYTES)                                            \
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
@@ -441,28 +468,34 @@ static inline double geo_log(Work *wk, Py_ssize_t L)
                 val[k] = va[k];                                                          \
         }                                                                                \
         else {                                                                           \
-            /* va: first data value of the block, vb: sum exp(data - first). */          \
+            /* va: first data value of the block, vb: sum exp(data - first), val: the    \
+               log-free part of the block value, rt: the ratio whose log completes it. */ \
+            double *rt = wk->ratio;                                                      \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double md = u[i], sd = 1.0;                                              \
-                double x_ = rank ? u[i] - (double)(T)(n - i)                             \
-                                 : (double)((T)(n - i) / teps) - u[i];                   \
+                double md = u[i], sd = 1.0, ratio = 1.0;                                 \
+                const double base = rank ? u[i] - (double)(T)(n - i)                     \
+                                         : (double)((T)(n - i) / teps) - u[i];           \
+                double b = base;                                                         \
                 Py_ssize_t s = i;                                                        \
-                while (top > 0 && val[top - 1] <= x_) {                                  \
+                while (top > 0 && kl_le(val[top - 1], rt[top - 1], b, ratio)) {          \
                     top--;                                                               \
                     sd = vb[top] + sd * exp(md - va[top]);                               \
                     md = va[top];                                                        \
                     s = st[top];                                                         \
-                    const double lg = geo_log(wk, i + 1 - s);                            \
-                    const double ar = rank ? (double)(T)(n - s)                          \
-                                           : (double)((T)(n - s) / teps);                \
-                    x_ = rank ? (md + log(sd)) - (ar + lg) : (ar + lg) - (md + log(sd)); \
+                    b = val[top];                                                        \
+                    const double g = geo_sum(wk, i + 1 - s);                             \
+                    ratio = rank ? sd / g : g / sd;                                      \
                 }                                                                        \
                 st[top] = s;                                                             \
                 va[top] = md;                                                            \
                 vb[top] = sd;                                                            \
-                val[top] = x_;                                                           \
+                val[top] = b;                                                            \
+                rt[top] = ratio;                                                         \
                 top++;                                                                   \
             }                                                                            \
+            for (Py_ssize_t k = 0; k < top; k++)                                         \
+                if (rt[k] != 1.0)                                                        \
+                    val[k] += log(rt[k]);                                                \
         }                                                                                \
         /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
            s - w keeps only the top bits of w (see _resolve_pooled_sort). */             \
@@ -640,9 +673,9 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.ka = PyMem_RawMalloc(2 * sz * sizeof(uint64_t));
     wk.ia = PyMem_RawMalloc(2 * sz * sizeof(uint32_t));
     wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
-    wk.acc_a = PyMem_RawMalloc(5 * sz * sizeof(double));
-    wk.glog = kl ? PyMem_RawMalloc(3 * (sz + 1) * sizeof(double)) : NULL;
-    if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.glog)) {
+    wk.acc_a = PyMem_RawMalloc(6 * sz * sizeof(double));
+    wk.gpow = kl ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
+    if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.gpow)) {
         PyErr_NoMemory();
         goto done;
     }
@@ -652,9 +685,9 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.value = wk.acc_a + 2 * sz;
     wk.u = wk.acc_a + 3 * sz;
     wk.y = wk.acc_a + 4 * sz;
+    wk.ratio = wk.acc_a + 5 * sz;
     if (kl) {
-        wk.gpow = wk.glog + (sz + 1);
-        wk.gsum = wk.glog + 2 * (sz + 1);
+        wk.gsum = wk.gpow + (sz + 1);
         /* the arithmetic side: rho (step 1) for rank, rho / eps for sort */
         wk.gq = exp(rank ? -1.0 : -1.0 / eps);
         wk.glen = 0;
@@ -715,7 +748,7 @@ done:
     PyMem_RawFree(wk.ia);
     PyMem_RawFree(wk.start);
     PyMem_RawFree(wk.acc_a);
-    PyMem_RawFree(wk.glog);
+    PyMem_RawFree(wk.gpow);
     if (held >= 4)
         PyBuffer_Release(&bb);
     if (held >= 3)
