@@ -314,60 +314,108 @@ static uint32_t *radix_pass(uint64_t *ka, uint32_t *ia, uint64_t *kb, uint32_t *
     return is;
 }
 
-/*
- * Sort (key, i) pairs, keys in ka and ia = 0..n-1, by key then index.  Most rows are
- * settled by a radix sort on the top bytes only (enough of them to separate n random
- * keys) and an insertion pass on the full keys, which is O(n) when the top bytes
- * already order almost everything; rows where it is not (many keys sharing their top
- * bytes) are redone with every byte, so the worst case stays O(n).
- */
-static uint32_t *radix_sort(uint64_t *ka, uint32_t *ia, uint64_t *kb, uint32_t *ib,
-                            Py_ssize_t n, int nbytes)
-{
-    int bits = 10;
-    while (bits < 64 && ((Py_ssize_t)1 << (bits - 10)) < n)
-        bits++;
-    const int top = (bits + 7) / 8;
-    uint64_t *keys;
-    if (top >= nbytes)
-        return radix_pass(ka, ia, kb, ib, n, 0, nbytes, &keys);
-    uint32_t *idx = radix_pass(ka, ia, kb, ib, n, nbytes - top, nbytes, &keys);
-    Py_ssize_t budget = 4 * n + 64;
-    for (Py_ssize_t i = 1; i < n; i++) {
-        const uint64_t k = keys[i];
-        const uint32_t v = idx[i];
-        Py_ssize_t j = i;
-        while (j > 0 && (keys[j - 1] > k || (keys[j - 1] == k && idx[j - 1] > v))) {
-            keys[j] = keys[j - 1];
-            idx[j] = idx[j - 1];
-            j--;
-        }
-        keys[j] = k;
-        idx[j] = v;
-        budget -= i - j;
-        if (budget < 0)
-            break;
-    }
-    if (budget >= 0)
-        return idx;
-    /* Too many keys share their top bytes: sort the pairs (still all there, equal keys
-       still in index order) on every byte; the radix is stable. */
-    uint64_t *k2 = (keys == ka) ? kb : ka;
-    uint32_t *i2 = (idx == ia) ? ib : ia;
-    return radix_pass(keys, idx, k2, i2, n, 0, nbytes, &keys);
-}
-
 typedef struct {
     uint64_t *ka, *kb;
     uint32_t *ia, *ib;
     Py_ssize_t *start;
     double *acc_a, *acc_b, *value, *u, *y;
-    double *ratio;
+    double *ratio, *ratio2;
     double gq;    /* q = exp(-step) of the arithmetic side */
     double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
     double *gsum;
     Py_ssize_t glen;
 } Work;
+
+/* Stable LSD radix sort of packed (key bits << 32 | index) words on bytes [lo, 8). */
+static uint64_t *radix_packed(uint64_t *a, uint64_t *b, Py_ssize_t n, int lo)
+{
+    uint32_t hist[8][256];
+    memset(hist, 0, sizeof hist);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint64_t k = a[i];
+        for (int d = lo; d < 8; d++)
+            hist[d][(k >> (8 * d)) & 255]++;
+    }
+    for (int d = lo; d < 8; d++) {
+        uint32_t *h = hist[d];
+        if (h[(a[0] >> (8 * d)) & 255] == (uint32_t)n)
+            continue;
+        uint32_t sum = 0;
+        for (int c = 0; c < 256; c++) {
+            const uint32_t t = h[c];
+            h[c] = sum;
+            sum += t;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint64_t k = a[i];
+            b[h[(k >> (8 * d)) & 255]++] = k;
+        }
+        uint64_t *t = a;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/*
+ * The row's order: indices sorting the keys ascending, ties by index, into wk->ia.
+ * Most rows are settled by a radix sort of one word per element (the top 32 key bits
+ * and the index), on only as many top bytes as separate n random keys, then an
+ * insertion pass on the full keys, which is O(n) when the top bytes already order
+ * almost everything.  Rows where it is not (many keys sharing their top bits) are
+ * redone with a full radix sort of (key, index) pairs, so the worst case stays O(n).
+ */
+#define DEFINE_SORT_ROW(NAME, T, KEY, NBYTES)                                            \
+    static const uint32_t *NAME(const T *x, Py_ssize_t n, int desc, Work *wk)            \
+    {                                                                                    \
+        const uint64_t flip = desc ? ~UINT64_C(0) : 0;                                   \
+        for (Py_ssize_t i = 0; i < n; i++) {                                             \
+            const uint64_t k = KEY(x[i]) ^ flip;                                         \
+            const uint64_t hi = NBYTES == 8 ? (k >> 32) : (k & UINT64_C(0xffffffff));   \
+            wk->ka[i] = (hi << 32) | (uint64_t)i;                                        \
+        }                                                                                \
+        int bits = 10;                                                                   \
+        while (bits < 32 && ((Py_ssize_t)1 << (bits - 10)) < n)                          \
+            bits++;                                                                      \
+        uint64_t *p = radix_packed(wk->ka, wk->kb, n, 8 - (bits + 7) / 8);               \
+        Py_ssize_t budget = 4 * n + 64;                                                  \
+        for (Py_ssize_t i = 1; i < n && budget >= 0; i++) {                              \
+            const uint64_t v = p[i];                                                     \
+            const uint64_t kv = NBYTES == 8 ? KEY(x[(uint32_t)v]) ^ flip : 0;            \
+            Py_ssize_t j = i;                                                            \
+            while (j > 0) {                                                              \
+                const uint64_t w = p[j - 1];                                             \
+                int greater;                                                             \
+                if (NBYTES == 4 || (w >> 32) != (v >> 32))                               \
+                    greater = w > v;                                                     \
+                else {                                                                   \
+                    const uint64_t kw = KEY(x[(uint32_t)w]) ^ flip;                      \
+                    greater = kw > kv || (kw == kv && (uint32_t)w > (uint32_t)v);        \
+                }                                                                        \
+                if (!greater)                                                            \
+                    break;                                                               \
+                p[j] = w;                                                                \
+                j--;                                                                     \
+            }                                                                            \
+            p[j] = v;                                                                    \
+            budget -= i - j;                                                             \
+        }                                                                                \
+        if (budget >= 0) {                                                               \
+            for (Py_ssize_t i = 0; i < n; i++)                                           \
+                wk->ia[i] = (uint32_t)p[i];                                              \
+            return wk->ia;                                                               \
+        }                                                                                \
+        /* Too many keys share their top bits: sort (full key, index) pairs. */         \
+        for (Py_ssize_t i = 0; i < n; i++) {                                             \
+            wk->ka[i] = KEY(x[i]) ^ flip;                                                \
+            wk->ia[i] = (uint32_t)i;                                                     \
+        }                                                                                \
+        uint64_t *keys;                                                                  \
+        return radix_pass(wk->ka, wk->ia, wk->kb, wk->ib, n, 0, NBYTES, &keys);          \
+    }
+
+DEFINE_SORT_ROW(sort_row_f64, double, key_f64, 8)
+DEFINE_SORT_ROW(sort_row_f32, float, key_f32, 4)
 
 /* Sum of exp over a block of length L of an arithmetic sequence with step -d, relative
    to its first term: sum_{k<L} q^k, q = exp(-d); extended on demand, shared by rows. */
@@ -381,29 +429,59 @@ static inline double geo_sum(Work *wk, Py_ssize_t L)
     return wk->gsum[L];
 }
 
-static const double LOG1P_SIXTEENTHS[17] = {0.0, 0.06062462181643484, 0.11778303565638346, 0.17185025692665923, 0.22314355131420976, 0.27193371548364176, 0.3184537311185346, 0.3629054936893685, 0.4054651081081644, 0.44628710262841953, 0.48550781578170077, 0.5232481437645479, 0.5596157879354227, 0.5947071077466928, 0.6286086594223741, 0.661398482245365, 0.6931471805599453};
+static const double LOG1P_64THS[65] = {
+    0.0, 0.015504186535965254, 0.030771658666753687,
+    0.0458095360312942, 0.06062462181643484, 0.07522342123758753,
+    0.08961215868968714, 0.10379679368164356, 0.11778303565638346,
+    0.13157635778871926, 0.1451820098444979, 0.15860503017663857,
+    0.17185025692665923, 0.184922338494012, 0.19782574332991987,
+    0.21056476910734964, 0.22314355131420976, 0.2355660713127669,
+    0.24783616390458124, 0.25995752443692605, 0.27193371548364176,
+    0.2837681731306446, 0.2954642128938359, 0.3070250352949119,
+    0.3184537311185346, 0.329753286372468, 0.3409265869705932,
+    0.3519764231571782, 0.3629054936893685, 0.37371640979358406,
+    0.38441169891033206, 0.394993808240869, 0.4054651081081644,
+    0.415827895143711, 0.42608439531090003, 0.43623676677491807,
+    0.44628710262841953, 0.45623743348158763, 0.46608972992459924,
+    0.4758459048699639, 0.48550781578170077, 0.4950772667978515,
+    0.5045560107523953, 0.5139457511022343, 0.5232481437645479,
+    0.5324647988694718, 0.5415972824327444, 0.5506471179526623,
+    0.5596157879354227, 0.5685047353526687, 0.5773153650348236,
+    0.5860490450035782, 0.5947071077466928, 0.6032908514380843,
+    0.6118015411059929, 0.6202404097518576, 0.6286086594223741,
+    0.6369074622370692, 0.6451379613735847, 0.6533012720127457,
+    0.661398482245365, 0.6694306539426292, 0.6773988235918061,
+    0.6853040030989194, 0.6931471805599453};
+
+/* Bounds lo <= log(p) <= hi for a positive normal p, from its exponent and the top 6
+   bits of its fraction (width < 0.0156, widened far above the rounding involved). */
+static inline void log_bounds(double p, double *lo, double *hi)
+{
+    uint64_t bits;
+    memcpy(&bits, &p, sizeof bits);
+    const double el = (double)((int)((bits >> 52) & 0x7ff) - 1023) * 0.69314718055994530942;
+    const unsigned k = (unsigned)((bits >> 46) & 63);
+    *lo = el + LOG1P_64THS[k] - 1e-9;
+    *hi = el + LOG1P_64THS[k + 1] + 1e-9;
+}
 
 /*
- * Is  a + log(ra) <= b + log(rb)  (ra, rb > 0 ratios of sums in [1, n])?  Usually
- * decided without a log: with q = rb / ra = m 2^e (1 <= m < 2), log q lies between
- * e ln2 + log(1 + k/16) and e ln2 + log(1 + (k+1)/16), k the top 4 bits of m's
- * fraction (with a margin far above the rounding of these terms).  Only a difference
- * a - b inside that interval (width < 0.061) costs a log.
+ * Is  a + log(na / da) <= b + log(nb / db)?  All four are sums in [1, n], so
+ * log(nb da) - log(na db) is bracketed from the products' bit patterns (no division,
+ * no log); only a difference a - b inside the bracket (width < 0.032) costs a log.
  */
-static inline int kl_le(double a, double ra, double b, double rb)
+static inline int kl_le(double a, double na, double da, double b, double nb, double db)
 {
     const double d = a - b;
-    const double q = rb / ra;
-    uint64_t bits;
-    memcpy(&bits, &q, sizeof bits);
-    const int e = (int)((bits >> 52) & 0x7ff) - 1023;
-    const unsigned k = (unsigned)((bits >> 48) & 15);
-    const double el = (double)e * 0.69314718055994530942;
-    if (d <= el + LOG1P_SIXTEENTHS[k] - 1e-9)
+    const double p = nb * da, q = na * db;
+    double plo, phi, qlo, qhi;
+    log_bounds(p, &plo, &phi);
+    log_bounds(q, &qlo, &qhi);
+    if (d <= plo - qhi)
         return 1;
-    if (d > el + LOG1P_SIXTEENTHS[k + 1] + 1e-9)
+    if (d > phi - qlo)
         return 0;
-    return d <= log(q);
+    return d <= log(p / q);
 }
 
 /*
@@ -414,22 +492,17 @@ static inline int kl_le(double a, double ra, double b, double rb)
  *
  * KL pooling: both s and w are non-increasing, so a block's first element is the max
  * of both: a block keeps its first data value, sum exp(data - first), and its value as
- * (log-free part, ratio) with value = part + log(ratio); the arithmetic side (rho or
- * rho/eps) is a geometric sum from a shared table.  A merge costs one exp and one
- * division; kl_le compares values without a log unless they are within 0.061, and
- * each final block takes one log.
+ * (log-free part, two sums) with value = part + log(sum / sum); the arithmetic side
+ * (rho or rho/eps) is a geometric sum from a shared table.  A merge costs one exp;
+ * kl_le compares values without a log or a division unless they are within 0.032,
+ * and each final block takes one log.
  */
-#define DEFINE_SOFT_ROW(NAME, T, KEY, NBYTES)                                            \
+#define DEFINE_SOFT_ROW(NAME, T, SORT)                                                   \
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
                      int rank, int kl, double eps, double a, Work *wk)                   \
     {                                                                                    \
         const int desc = a > 0; /* sort x descending to get u descending */              \
-        for (Py_ssize_t i = 0; i < n; i++) {                                             \
-            uint64_t k = KEY(x[i]);                                                      \
-            wk->ka[i] = desc ? ~k : k;                                                   \
-            wk->ia[i] = (uint32_t)i;                                                     \
-        }                                                                                \
-        const uint32_t *idx = radix_sort(wk->ka, wk->ia, wk->kb, wk->ib, n, NBYTES);     \
+        const uint32_t *idx = SORT(x, n, desc, wk);                                      \
         const T ta = (T)a, teps = (T)eps;                                                \
         double *u = wk->u, *y = wk->y;                                                   \
         for (Py_ssize_t i = 0; i < n; i++) {                                             \
@@ -468,34 +541,37 @@ static inline int kl_le(double a, double ra, double b, double rb)
                 val[k] = va[k];                                                          \
         }                                                                                \
         else {                                                                           \
-            /* va: first data value of the block, vb: sum exp(data - first), val: the    \
-               log-free part of the block value, rt: the ratio whose log completes it. */ \
-            double *rt = wk->ratio;                                                      \
+            /* va: first data value of the block, vb: sum exp(data - first); the value  \
+               is val + log(nm / dn), nm/dn the data and geometric sums (rank: data on   \
+               top, sort: below). */                                                     \
+            double *nm = wk->ratio, *dn = wk->ratio2;                                    \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double md = u[i], sd = 1.0, ratio = 1.0;                                 \
-                const double base = rank ? u[i] - (double)(T)(n - i)                     \
-                                         : (double)((T)(n - i) / teps) - u[i];           \
-                double b = base;                                                         \
+                double md = u[i], sd = 1.0, cn = 1.0, cd = 1.0;                          \
+                double b = rank ? u[i] - (double)(T)(n - i)                              \
+                                : (double)((T)(n - i) / teps) - u[i];                    \
                 Py_ssize_t s = i;                                                        \
-                while (top > 0 && kl_le(val[top - 1], rt[top - 1], b, ratio)) {          \
+                while (top > 0 && kl_le(val[top - 1], nm[top - 1], dn[top - 1], b, cn,   \
+                                        cd)) {                                           \
                     top--;                                                               \
                     sd = vb[top] + sd * exp(md - va[top]);                               \
                     md = va[top];                                                        \
                     s = st[top];                                                         \
                     b = val[top];                                                        \
                     const double g = geo_sum(wk, i + 1 - s);                             \
-                    ratio = rank ? sd / g : g / sd;                                      \
+                    cn = rank ? sd : g;                                                  \
+                    cd = rank ? g : sd;                                                  \
                 }                                                                        \
                 st[top] = s;                                                             \
                 va[top] = md;                                                            \
                 vb[top] = sd;                                                            \
                 val[top] = b;                                                            \
-                rt[top] = ratio;                                                         \
+                nm[top] = cn;                                                            \
+                dn[top] = cd;                                                            \
                 top++;                                                                   \
             }                                                                            \
             for (Py_ssize_t k = 0; k < top; k++)                                         \
-                if (rt[k] != 1.0)                                                        \
-                    val[k] += log(rt[k]);                                                \
+                if (nm[k] != dn[k])                                                      \
+                    val[k] += log(nm[k] / dn[k]);                                        \
         }                                                                                \
         /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
            s - w keeps only the top bits of w (see _resolve_pooled_sort). */             \
@@ -539,8 +615,8 @@ static inline int kl_le(double a, double ra, double b, double rb)
         }                                                                                \
     }
 
-DEFINE_SOFT_ROW(soft_row_f64, double, key_f64, 8)
-DEFINE_SOFT_ROW(soft_row_f32, float, key_f32, 4)
+DEFINE_SOFT_ROW(soft_row_f64, double, sort_row_f64)
+DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
 
 /*
  * Backward for one row: dx[perm_j] = p_j sum_B g (sort) or a (g_j - p_j sum_B g) with
@@ -673,7 +749,7 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.ka = PyMem_RawMalloc(2 * sz * sizeof(uint64_t));
     wk.ia = PyMem_RawMalloc(2 * sz * sizeof(uint32_t));
     wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
-    wk.acc_a = PyMem_RawMalloc(6 * sz * sizeof(double));
+    wk.acc_a = PyMem_RawMalloc(7 * sz * sizeof(double));
     wk.gpow = kl ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
     if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.gpow)) {
         PyErr_NoMemory();
@@ -686,6 +762,7 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.u = wk.acc_a + 3 * sz;
     wk.y = wk.acc_a + 4 * sz;
     wk.ratio = wk.acc_a + 5 * sz;
+    wk.ratio2 = wk.acc_a + 6 * sz;
     if (kl) {
         wk.gsum = wk.gpow + (sz + 1);
         /* the arithmetic side: rho (step 1) for rank, rho / eps for sort */

@@ -62,6 +62,21 @@ def test_keys_sharing_their_top_bytes_are_fully_sorted(n):
         np.testing.assert_array_equal(out, np.apply_along_axis(rankdata, -1, -x if desc else x))
         status, out, _, _ = _fused(x, "sort", "l2", 1e-9, desc)
         np.testing.assert_array_equal(out, -np.sort(-x, -1) if desc else np.sort(x, -1))
+    # float32: keys equal in their top 24 bits (values 1 + k 2^-23, k < 2^8, shuffled)
+    x32 = (1.0 + np.stack([rng.permutation(n) % 256, rng.permutation(n) % 256])
+           * 2.0 ** -23).astype(np.float32)
+    for desc in (False, True):
+        status, out, perm, _ = _fused(x32, "sort", "l2", 1e-3, desc)
+        assert status == 0
+        want = -np.sort(-x32, -1) if desc else np.sort(x32, -1)
+        np.testing.assert_array_equal(out, want)
+        # ties keep the input order (a stable sort)
+        got = np.take_along_axis(x32, perm, -1)
+        np.testing.assert_array_equal(got, want)
+        for r in range(2):
+            for v in np.unique(x32[r])[:5]:
+                pos = perm[r][got[r] == v]
+                assert np.all(np.diff(pos) > 0)
 
 
 def test_ties_and_signed_zeros_keep_the_input_order():
