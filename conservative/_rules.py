@@ -135,7 +135,7 @@ def evaluate(expr: str, params: dict) -> float:
     """
     ns = dict(_NAMESPACE)
     for k, v in params.items():
-        if v is not None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             ns[k] = float(v)
     try:
         return float(eval(expr, {"__builtins__": {}}, ns))  # noqa: S307 - registry strings only

@@ -71,7 +71,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _base_name(op) -> str:
     name = op._schema.name.split("::")[-1]
-    if name.endswith("_copy"):
+    if name.endswith("_copy") and name not in ("_to_copy", "lift_fresh_copy"):  # functionalized views
         name = name[: -len("_copy")]
     return name
 
@@ -252,6 +252,7 @@ def _add_call(graph: Graph, n, env, next_id, gm=None) -> None:
         if base in ("_to_copy", "convert_element_type") and float_in and not outs[0].is_float:
             # float -> integer casts truncate: a jump at every nonzero integer
             node.rule = "trunc" if outs[0].dtype != "bool" else None
+            node.params = {}
             if node.rule is None:
                 graph.unsupported.append(f"{name} (float -> bool cast)")
         elif base == "div" and params.get("rounding_mode") is not None:

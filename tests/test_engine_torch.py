@@ -502,3 +502,14 @@ def test_inf_norm_ties_and_zero():
 def test_threshold_is_a_jump_only_when_value_differs():
     assert audit(lambda x: torch.threshold(x, 0.0, 0.0), t64(0.0)).verdict is Verdict.CLARKE
     assert audit(lambda x: torch.threshold(x, 0.5, -2.0), t64(0.5)).verdict is Verdict.NOT_LIPSCHITZ
+
+
+def test_dtype_casts_inside_f():
+    A = torch.tensor([[1.0, -1.0], [2.0, 1.0]], dtype=torch.float64)
+    a = audit(lambda x: torch.relu(A.to(x.dtype) @ x) - torch.relu(-(A.to(x.dtype) @ x)), torch.zeros(2))
+    assert a.verdict is Verdict.SPURIOUS and a.exact  # float -> float casts are smooth
+    # float -> int casts truncate: a jump at nonzero integers, continuous elsewhere
+    b = audit(lambda x: x * x.to(torch.int64).to(x.dtype), t64(1.0))
+    assert b.verdict is Verdict.NOT_LIPSCHITZ
+    c = audit(lambda x: x * x.to(torch.int64).to(x.dtype), t64(1.5))
+    assert c.verdict is Verdict.SMOOTH
