@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _soft_sort_core as _core
 
@@ -235,6 +236,19 @@ class _SoftSortRankEager(torch.autograd.Function):
     jvp = _SoftSortRank.jvp
 
 
+def _forward_cpu(x, strength, regularization, rank, descending):
+    """C forward on a contiguous CPU float32/float64 tensor: (out, 2-D int64 perm/block)."""
+    n = x.shape[-1]
+    x2 = x.detach().numpy().reshape(-1, n)
+    # Results are allocated in x's shape (a torch view costs more than a NumPy one).
+    out = np.empty(x.shape, dtype=x2.dtype)
+    ints = np.empty((2, *x2.shape), dtype=np.int64)
+    _core.forward_checked(x2, op="rank" if rank else "sort", regularization=regularization,
+                          strength=strength, descending=descending, out=out.reshape(x2.shape),
+                          perm=ints[0], block=ints[1])
+    return torch.from_numpy(out), ints
+
+
 class _SoftSortRankCPU(torch.autograd.Function):
     """The lean eager path: plain CPU float32/float64 tensors outside torch.func/compile.
 
@@ -242,25 +256,18 @@ class _SoftSortRankCPU(torch.autograd.Function):
     copies of contiguous input, no dispatcher, one output): at (1, 1000) the per-call
     Python overhead is what remains. ``perm`` and ``block`` are kept on ``ctx`` as 2-D
     int64 tensors. A backward that must be differentiable itself (``create_graph``)
-    falls back to the torch-op backward.
+    falls back to the torch-op backward. Calls that need neither a graph nor a tangent
+    skip this Function and call :func:`_forward_cpu` directly.
     """
 
     @staticmethod
     def forward(ctx, x, strength, regularization, rank, descending):
-        n = x.shape[-1]
-        x2 = x.detach().numpy().reshape(-1, n)  # x is contiguous (checked by the caller)
-        # Results are allocated in x's shape (a torch view costs more than a NumPy one).
-        out = np.empty(x.shape, dtype=x2.dtype)
-        ints = np.empty((2, *x2.shape), dtype=np.int64)
-        _core.forward_checked(x2, op="rank" if rank else "sort",
-                              regularization=regularization, strength=strength,
-                              descending=descending, out=out.reshape(x2.shape),
-                              perm=ints[0], block=ints[1])
+        out, ints = _forward_cpu(x, strength, regularization, rank, descending)
         ints = torch.from_numpy(ints)
         ctx.save_for_backward(x, ints)
         ctx.save_for_forward(x, ints)
         ctx.options = (strength, regularization, rank, descending)
-        return torch.from_numpy(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -313,7 +320,11 @@ def soft_sort_rank_torch(x: torch.Tensor, *, op: str, fn: str, regularization: s
         out, _, _ = _soft_sort_rank(xw, strength, regularization, op == "rank", descending)
     elif (_core._FUSED and xw.device.type == "cpu" and work == x.dtype
           and xw.is_contiguous() and _plain(xw)):
-        return _SoftSortRankCPU.apply(xw, strength, regularization, op == "rank", descending)
+        if ((xw.requires_grad and torch.is_grad_enabled())
+                or _forward_ad._current_level >= 0):  # a graph or a tangent to carry
+            return _SoftSortRankCPU.apply(xw, strength, regularization, op == "rank",
+                                          descending)
+        return _forward_cpu(xw, strength, regularization, op == "rank", descending)[0]
     elif _plain(xw):
         out, _, _ = _SoftSortRankEager.apply(xw, strength, regularization, op == "rank",
                                              descending)

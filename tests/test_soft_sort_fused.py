@@ -206,3 +206,31 @@ def test_torch_fast_path_rejects_nan_before_the_kernel():
         x[1, 4] = float("nan")
     with pytest.raises(ValueError, match=r"must be finite.*nan at row 1, position 4"):
         soft_rank(x)
+
+
+def test_torch_no_grad_path_and_forward_ad_dual_tensors():
+    # Without a graph the fast path skips autograd entirely; a dual tensor (forward AD,
+    # no requires_grad) must still get its tangent J t, checked against the dense
+    # Jacobian of the NumPy pipeline.
+    torch = pytest.importorskip("torch")
+    import torch.autograd.forward_ad as fwAD
+    from nonsmooth.solvers import soft_rank, soft_sort
+
+    x = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    t = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    for f, op in ((soft_rank, "rank"), (soft_sort, "sort")):
+        for reg in ("l2", "kl"):
+            kw = dict(regularization=reg, regularization_strength=0.3)
+            with torch.no_grad():
+                plain = f(x, **kw)
+            assert plain.grad_fn is None
+            x2 = x.numpy()
+            ckw = dict(op=op, regularization=reg, strength=0.3, descending=False)
+            want, perm, block = core._forward_rows_numpy(x2, **ckw)
+            np.testing.assert_allclose(plain.numpy(), want, atol=1e-12)
+            with fwAD.dual_level():
+                y = f(fwAD.make_dual(x, t), **kw)
+                tangent = fwAD.unpack_dual(y).tangent
+            jac = core.jacobian_rows(x2, perm, block, **ckw)
+            np.testing.assert_allclose(tangent.numpy(), np.einsum("rij,rj->ri", jac, t.numpy()),
+                                       atol=1e-12)
