@@ -837,10 +837,10 @@ def _sampling_hint(P: _Problem, B: np.ndarray, ad: np.ndarray, tol: float, seed:
         from ._sampling import gradient_sampling
     except ImportError:
         return ""
-    if len(P.xs) != 1 or not np.all(np.isfinite(ad)):
+    if not np.all(np.isfinite(ad)):
         return ""
     try:
-        gs = gradient_sampling(P.f, P.xs[0], radius=1e-7 * (1.0 + float(np.max(np.abs(P.x_flat())))),
+        gs = gradient_sampling(P.f, P.xs[0] if len(P.xs) == 1 else tuple(P.xs), radius=1e-7 * (1.0 + float(np.max(np.abs(P.x_flat())))),
                                n_samples=min(400, 4 * P.n_in + 40), seed=seed)
         S = np.asarray(gs.samples, dtype=np.float64).reshape(-1, P.n_out * P.n_in)
     except Exception:
