@@ -330,7 +330,7 @@ typedef struct {
 static uint64_t *radix_packed(uint64_t *a, uint64_t *b, Py_ssize_t n, int lo)
 {
     uint32_t hist[8][256];
-    memset(hist, 0, sizeof hist);
+    memset(hist[lo], 0, sizeof(uint32_t) * 256 * (size_t)(8 - lo));
     for (Py_ssize_t i = 0; i < n; i++) {
         const uint64_t k = a[i];
         for (int d = lo; d < 8; d++)
