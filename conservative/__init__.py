@@ -12,8 +12,6 @@ output is in the Clarke Jacobian::
 
 Importing this package imports neither torch nor jax; the adapters load on first use.
 """
-import importlib.util as _ilu
-
 from ._audit import (
     ActiveKink,
     Audit,
@@ -25,31 +23,37 @@ from ._audit import (
     ld_jacobian,
     selection_jacobians,
 )
+from ._bifurcation import BifurcationStudy, BifurcationZone, bifurcation_study, bifurcation_zone
+from ._campaign import Case, CampaignResult, merge_results, run_campaign
+from ._conventions import KinkConventions, kink_conventions
 from ._rules import RULES, Kink, Rule, rule_for_jax_primitive, rule_for_torch_op
+from ._sampling import GradientSample, gradient_sampling
 
 __all__ = [
     "ActiveKink",
     "Audit",
+    "BifurcationStudy",
+    "BifurcationZone",
+    "CampaignResult",
+    "Case",
     "ClarkeSet",
+    "GradientSample",
+    "KinkConventions",
     "Kink",
     "RULES",
     "Rule",
     "Verdict",
     "audit",
     "audit_batch",
+    "bifurcation_study",
+    "bifurcation_zone",
     "clarke_jacobian",
+    "gradient_sampling",
+    "kink_conventions",
     "ld_jacobian",
+    "merge_results",
     "rule_for_jax_primitive",
     "rule_for_torch_op",
+    "run_campaign",
     "selection_jacobians",
 ]
-
-# The periphery (conventions, gradient sampling) lives in its own modules.
-if _ilu.find_spec(f"{__name__}._conventions") is not None:
-    from ._conventions import kink_conventions  # noqa: F401
-
-    __all__.append("kink_conventions")
-if _ilu.find_spec(f"{__name__}._sampling") is not None:
-    from ._sampling import gradient_sampling  # noqa: F401
-
-    __all__.append("gradient_sampling")
