@@ -234,3 +234,20 @@ def test_torch_no_grad_path_and_forward_ad_dual_tensors():
             jac = core.jacobian_rows(x2, perm, block, **ckw)
             np.testing.assert_allclose(tangent.numpy(), np.einsum("rij,rj->ri", jac, t.numpy()),
                                        atol=1e-12)
+
+
+def test_public_functions_agree_with_and_without_the_fused_kernel(monkeypatch):
+    # Installs without the C build run the NumPy pipeline through the same entry points.
+    from nonsmooth.solvers import soft_rank, soft_sort
+
+    x = np.random.default_rng(10).normal(size=(3, 50))
+    x[:, 5] = x[:, 9]
+    kws = [dict(regularization=r, regularization_strength=e, direction=d)
+           for r in ("l2", "kl") for e in (0.05, 1.0) for d in ("ascending", "descending")]
+    fused = [(soft_rank(x, **kw), soft_sort(x, **kw)) for kw in kws]
+    monkeypatch.setattr(core, "_FUSED", False)
+    for kw, (rank, sort) in zip(kws, fused):
+        np.testing.assert_allclose(soft_rank(x, **kw), rank, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(soft_sort(x, **kw), sort, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="must be finite"):
+        soft_rank(np.array([1.0, np.nan]))
