@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._rules import RULES, Rule, evaluate
+from ._rules import RULES, Rule, _requires_holds, evaluate
 from ._sampling import hull_distance, min_norm_in_hull
 
 __all__ = ["KinkConventions", "ConventionRow", "LocalClarke", "kink_conventions"]
@@ -103,7 +103,7 @@ def _unary_cases(rule: Rule, params: dict | None = None) -> list[_Case]:
     p = {**rule.params, **(params or {})}
     cases = []
     for k in rule.kinks:
-        if k.requires and p.get(k.requires.split(" is not None")[0].strip()) is None:
+        if not _requires_holds(k.requires, p):  # the registry's own reading of the condition
             continue
         q = dict(p, n=1.0) if k.lattice else p
         at = evaluate(k.at, q)
