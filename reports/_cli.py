@@ -166,9 +166,20 @@ def _cmd_audit(args) -> int:
         print(json.dumps([json.loads(a.to_json()) if isinstance(a.to_json(), str) else a.to_json()
                           for a in results], indent=1))
     else:
+        np.set_printoptions(precision=6, suppress=True)
         for point, a in zip(points, results):
             print(f"x = {point}")
             print(f"verdict: {a.verdict.name}")
+            print(f"AD Jacobian ({a.framework}):\n{np.asarray(a.ad_jacobian)}")
+            elements = [] if a.b_subdifferential is None else list(a.b_subdifferential)
+            if elements:
+                shown = elements[:4]
+                print(f"B-subdifferential elements found ({len(elements)}"
+                      f"{', complete' if a.exact else ''}):")
+                for J in shown:
+                    print(np.asarray(J))
+                if len(elements) > len(shown):
+                    print(f"... and {len(elements) - len(shown)} more (--json for all)")
             print(a.explain())
             print()
     return worst
