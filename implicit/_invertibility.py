@@ -272,15 +272,9 @@ def _check_structured(layer: ElementwiseLayer, z, x, *, max_kinks, kink_tol, max
 
 
 def _framework(z):
-    import sys
+    from nonsmooth._frameworks import array_framework
 
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(z, torch.Tensor):
-        return "torch"
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(z, jax.Array):
-        return "jax"
-    return "numpy"
+    return array_framework(z) or "numpy"
 
 
 def _jacobian_fn(F, z, theta):

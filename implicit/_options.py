@@ -73,14 +73,11 @@ def check_backward(backward, backward_solver, phantom_steps, phantom_damping):
 
 def framework_of(x, name: str = "z0") -> str:
     """'torch' or 'jax' for a torch tensor / jax array, without importing either."""
-    import sys
+    from nonsmooth._frameworks import array_framework
 
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return "torch"
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(x, jax.Array):
-        return "jax"
+    framework = array_framework(x)
+    if framework in ("torch", "jax"):
+        return framework
     raise TypeError(
         f"{name} must be a torch.Tensor or a jax.Array; got {type(x).__module__}.{type(x).__name__}. "
         "Wrap NumPy data with torch.as_tensor(...) or jax.numpy.asarray(...)."

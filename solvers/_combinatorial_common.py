@@ -11,6 +11,8 @@ import threading
 
 import numpy as np
 
+from nonsmooth._frameworks import array_framework
+
 _STATE = threading.local()
 
 
@@ -34,14 +36,9 @@ SENSES = ("max", "min")
 
 def framework_of(x) -> str:
     """"torch", "jax" or "numpy" for an array; TypeError for anything else."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return "torch"
-    jax = sys.modules.get("jax")
-    if jax is not None and isinstance(x, jax.Array):
-        return "jax"
-    if isinstance(x, np.ndarray):
-        return "numpy"
+    framework = array_framework(x)
+    if framework in ("torch", "jax") or isinstance(x, np.ndarray):
+        return framework
     raise TypeError(
         f"expected a torch tensor, a jax array or a numpy array, got {type(x).__name__}; "
         "convert the input with torch.as_tensor / jnp.asarray / np.asarray first"
