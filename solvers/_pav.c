@@ -18,7 +18,12 @@
  * is pushed once and popped at most once, so a row costs O(n).  The arithmetic and its
  * order match nonsmooth/solvers/_isotonic.py's fallback exactly.
  *
- * NaN/inf are rejected in Python before this is called.  Should one slip through, the
+ * soft_forward / soft_backward fuse a whole soft sort/rank pass per call (radix sort of
+ * the row, PAV on the sorted keys, output assembly; and the vector-Jacobian product):
+ * see the section "fused soft sort/rank" below.  soft_forward scans its input for
+ * NaN/inf and overflow before writing anything and reports them as a status.
+ *
+ * NaN/inf are rejected in Python before l2/kl are called.  Should one slip through, the
  * kernel still terminates in O(n): every comparison with NaN is false, so a NaN never
  * triggers a merge; the rows concerned come out with NaN (or inf) values in the
  * affected blocks.  Nothing is read or written outside the buffers either way.

@@ -55,16 +55,22 @@ def _numpy(values, op: str, fn: str, regularization, strength, direction):
     return out.reshape(values.shape).astype(values.dtype, copy=False)
 
 
+_adapters = {}  # framework -> entry point, imported on first use (an import costs ~1 us)
+
+
 def _dispatch(values, op, fn, regularization, regularization_strength, direction):
     kind = _framework(values)
     strength = _core.check_options(regularization, regularization_strength, direction)
     if kind == "numpy":
         return _numpy(values, op, fn, regularization, strength, direction)
     if kind == "torch":
-        from ._soft_sort_torch import soft_sort_rank_torch
+        entry = _adapters.get("torch")
+        if entry is None:
+            from ._soft_sort_torch import soft_sort_rank_torch as entry
 
-        return soft_sort_rank_torch(values, op=op, fn=fn, regularization=regularization,
-                                    strength=strength, descending=direction == "descending")
+            _adapters["torch"] = entry
+        return entry(values, op=op, fn=fn, regularization=regularization,
+                     strength=strength, descending=direction == "descending")
     from ._soft_sort_jax import soft_sort_rank_jax
 
     return soft_sort_rank_jax(values, op=op, fn=fn, regularization=regularization,

@@ -1,11 +1,14 @@
 """Soft sort/rank for torch tensors: the ``nonsmooth::soft_sort_rank`` custom op.
 
-The forward runs the NumPy kernel (one argsort + PAV) on the host and returns, next
-to the values, the integer ``perm`` and ``block`` it found. Two backward paths use
-those integers and the saved input:
+The forward runs the host kernel (the fused C sort + PAV, or the NumPy pipeline
+without the build) and returns, next to the values, the integer ``perm`` and ``block``
+it found. Plain contiguous CPU float32/float64 tensors in eager mode take a lean path
+(:class:`_SoftSortRankCPU`, or no autograd at all when there is nothing to
+differentiate): one C call per forward and one per backward on the tensors' memory.
+Two further backward paths use the integers and the saved input:
 
 * a first-order backward on CPU (``create_graph=False``, the training case) is a second
-  op, ``nonsmooth::soft_sort_rank_backward``, run by NumPy in O(n) per row;
+  op, ``nonsmooth::soft_sort_rank_backward``, run on the host in O(n) per row;
 * on other devices, or when the graph of the backward is needed (double backward,
   ``torch.func``), the backward is written in torch index ops (gather / scatter_add), so
   it runs on the device and is itself differentiable (for KL the block softmax is
@@ -237,16 +240,23 @@ class _SoftSortRankEager(torch.autograd.Function):
 
 
 def _forward_cpu(x, strength, regularization, rank, descending):
-    """C forward on a contiguous CPU float32/float64 tensor: (out, 2-D int64 perm/block)."""
+    """C forward on a contiguous CPU float32/float64 tensor.
+
+    Returns ``(out, x2, ints)``: the result tensor, ``x`` as a 2-D NumPy view and the
+    int64 ``(2, rows, n)`` array of ``perm`` and ``block``.
+    """
     n = x.shape[-1]
     x2 = x.detach().numpy().reshape(-1, n)
     # Results are allocated in x's shape (a torch view costs more than a NumPy one).
     out = np.empty(x.shape, dtype=x2.dtype)
     ints = np.empty((2, *x2.shape), dtype=np.int64)
-    _core.forward_checked(x2, op="rank" if rank else "sort", regularization=regularization,
-                          strength=strength, descending=descending, out=out.reshape(x2.shape),
-                          perm=ints[0], block=ints[1])
-    return torch.from_numpy(out), ints
+    if _core._ext.soft_forward(x2, out.reshape(x2.shape), ints[0], ints[1], rank,
+                               regularization == "kl", strength, descending):
+        # NaN/inf or overflow: nothing was written; this raises the detailed error.
+        _core.forward_checked(x2, op="rank" if rank else "sort",
+                              regularization=regularization, strength=strength,
+                              descending=descending)
+    return torch.from_numpy(out), x2, ints
 
 
 class _SoftSortRankCPU(torch.autograd.Function):
@@ -262,7 +272,10 @@ class _SoftSortRankCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, strength, regularization, rank, descending):
-        out, ints = _forward_cpu(x, strength, regularization, rank, descending)
+        out, x2, ints = _forward_cpu(x, strength, regularization, rank, descending)
+        # The NumPy views are kept for the backward; saved_tensors still guards x
+        # against in-place changes between forward and backward.
+        ctx.arrays = (x2, ints)
         ints = torch.from_numpy(ints)
         ctx.save_for_backward(x, ints)
         ctx.save_for_forward(x, ints)
@@ -278,11 +291,9 @@ class _SoftSortRankCPU(torch.autograd.Function):
                                 strength=strength, regularization=regularization, rank=rank,
                                 descending=descending)
             return grad_x, None, None, None, None
-        n = x.shape[-1]
-        x2 = x.detach().numpy().reshape(-1, n)
-        g2 = grad.contiguous().numpy().reshape(-1, n)
+        x2, i2 = ctx.arrays
+        g2 = grad.contiguous().numpy().reshape(x2.shape)
         dx = np.empty(x.shape, dtype=x2.dtype)
-        i2 = ints.numpy()
         _core._ext.soft_backward(x2, i2[0], i2[1], g2, dx.reshape(x2.shape), rank,
                                  regularization == "kl", strength, descending)
         return torch.from_numpy(dx), None, None, None, None
