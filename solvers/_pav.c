@@ -477,6 +477,8 @@ static inline void log_bounds(double p, double *lo, double *hi)
  */
 static inline int kl_le(double a, double na, double da, double b, double nb, double db)
 {
+    if (na == da && nb == db) /* two singletons (both ratios 1): no log term at all */
+        return a <= b;
     const double d = a - b;
     const double p = nb * da, q = na * db;
     double plo, phi, qlo, qhi;
