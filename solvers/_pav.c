@@ -325,6 +325,8 @@ typedef struct {
     Py_ssize_t *start;
     double *acc_a, *acc_b, *value, *u, *y;
     double *ratio, *ratio2;
+    double *rel;          /* KL: weight of a block start relative to its absorber */
+    Py_ssize_t *anchor;   /* KL: the start of the block that absorbed it */
     double gq;    /* q = exp(-step) of the arithmetic side */
     double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
     double *gsum;
@@ -506,7 +508,7 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
  */
 #define DEFINE_SOFT_ROW(NAME, T, SORT)                                                   \
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
-                     int rank, int kl, double eps, double a, Work *wk)                   \
+                     int rank, int kl, double eps, double a, Work *wk, double *pw)       \
     {                                                                                    \
         const int desc = a > 0; /* sort x descending to get u descending */              \
         const uint32_t *idx = SORT(x, n, desc, wk);                                      \
@@ -560,7 +562,12 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
                 while (top > 0 && kl_le(val[top - 1], nm[top - 1], dn[top - 1], b, cn,   \
                                         cd)) {                                           \
                     top--;                                                               \
-                    sd = vb[top] + sd * exp(md - va[top]);                               \
+                    const double ex = exp(md - va[top]);                                 \
+                    if (pw) {                                                            \
+                        wk->rel[s] = ex;                                                 \
+                        wk->anchor[s] = st[top];                                         \
+                    }                                                                    \
+                    sd = vb[top] + sd * ex;                                              \
                     md = va[top];                                                        \
                     s = st[top];                                                         \
                     b = val[top];                                                        \
@@ -579,6 +586,22 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
             for (Py_ssize_t k = 0; k < top; k++)                                         \
                 if (nm[k] != dn[k])                                                      \
                     val[k] += log(nm[k] / dn[k]);                                        \
+            /* Softmax weights of the data within each block, from the merges' own      \
+               exps: w_j = rel_j w_anchor(j), anchors lie before j in the block. */     \
+            if (pw)                                                                      \
+                for (Py_ssize_t k = 0; k < top; k++) {                                   \
+                    const Py_ssize_t s = st[k];                                          \
+                    const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                  \
+                    double z = 1.0;                                                      \
+                    pw[s] = 1.0;                                                         \
+                    for (Py_ssize_t j = s + 1; j < e; j++) {                             \
+                        pw[j] = wk->rel[j] * pw[wk->anchor[j]];                          \
+                        z += pw[j];                                                      \
+                    }                                                                    \
+                    if (e - s > 1)                                                       \
+                        for (Py_ssize_t j = s; j < e; j++)                               \
+                            pw[j] /= z;                                                  \
+                }                                                                        \
         }                                                                                \
         /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
            s - w keeps only the top bits of w (see _resolve_pooled_sort). */             \
@@ -632,7 +655,8 @@ DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
  */
 #define DEFINE_SOFT_VJP(NAME, T)                                                         \
     static void NAME(const T *x, const int64_t *perm, const int64_t *blk, const T *g,    \
-                     T *dx, Py_ssize_t n, int rank, int kl, double a, double *e)         \
+                     T *dx, Py_ssize_t n, int rank, int kl, double a, double *e,         \
+                     const double *pw)                                                   \
     {                                                                                    \
         Py_ssize_t s = 0;                                                                \
         while (s < n) {                                                                  \
@@ -647,7 +671,13 @@ DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
             double sum = 0.0;                                                            \
             for (Py_ssize_t j = s; j < end; j++)                                         \
                 sum += (double)(rank ? g[perm[j]] : g[j]);                               \
-            if (kl) {                                                                    \
+            if (kl && pw) { /* the forward's softmax weights */                          \
+                for (Py_ssize_t j = s; j < end; j++) {                                   \
+                    const double r = pw[j] * sum;                                        \
+                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - r)) : (T)r;       \
+                }                                                                        \
+            }                                                                            \
+            else if (kl) {                                                               \
                 const double top = a * (double)x[perm[s]];                               \
                 double z = 0.0;                                                          \
                 for (Py_ssize_t j = s; j < end; j++) {                                   \
@@ -702,26 +732,26 @@ static int get_shaped(PyObject *obj, Py_buffer *view, const char *name, int writ
 }
 
 /*
- * soft_forward(x, out, perm, block, rank, kl, eps, descending) -> status
+ * soft_forward(x, out, perm, block, rank, kl, eps, descending, weights=None) -> status
  * status 0: done; 1: x holds NaN/inf; 2: the scaled keys would overflow x's dtype.
  * On a nonzero status nothing has been written (the caller raises the detailed error).
  */
 static PyObject *soft_forward(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *xo, *oo, *po, *bo;
+    PyObject *xo, *oo, *po, *bo, *wo = Py_None;
     int rank, kl, descending;
     double eps;
-    if (!PyArg_ParseTuple(args, "OOOOppdp:soft_forward", &xo, &oo, &po, &bo, &rank, &kl,
-                          &eps, &descending))
+    if (!PyArg_ParseTuple(args, "OOOOppdp|O:soft_forward", &xo, &oo, &po, &bo, &rank, &kl,
+                          &eps, &descending, &wo))
         return NULL;
     if (!(eps > 0.0) || !isfinite(eps)) {
         PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
                      PyTuple_GET_ITEM(args, 6));
         return NULL;
     }
-    Py_buffer xb, ob, pb, bb;
-    int held = 0;
+    Py_buffer xb, ob, pb, bb, wb;
+    int held = 0, held_w = 0;
     PyObject *result = NULL;
     Work wk;
     memset(&wk, 0, sizeof wk);
@@ -744,6 +774,15 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     if (get_shaped(bo, &bb, "block", 1, FMT_I64, rows, n) < 0)
         goto done;
     held = 4;
+    if (wo != Py_None) {
+        if (!kl) {
+            PyErr_SetString(PyExc_ValueError, "weights are only computed for kl");
+            goto done;
+        }
+        if (get_shaped(wo, &wb, "weights", 1, FMT_F64, rows, n) < 0)
+            goto done;
+        held_w = 1;
+    }
     if (rows == 0 || n == 0) {
         result = PyLong_FromLong(0);
         goto done;
@@ -758,6 +797,12 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
     wk.acc_a = PyMem_RawMalloc(7 * sz * sizeof(double));
     wk.gpow = kl ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
+    wk.rel = held_w ? PyMem_RawMalloc(sz * sizeof(double)) : NULL;
+    wk.anchor = held_w ? PyMem_RawMalloc(sz * sizeof(Py_ssize_t)) : NULL;
+    if (held_w && (!wk.rel || !wk.anchor)) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.gpow)) {
         PyErr_NoMemory();
         goto done;
@@ -816,12 +861,13 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
             for (Py_ssize_t r = 0; r < rows; r++) {
                 int64_t *p = (int64_t *)pb.buf + r * n;
                 int64_t *b = (int64_t *)bb.buf + r * n;
+                double *w = held_w ? (double *)wb.buf + r * n : NULL;
                 if (fx == FMT_F64)
                     soft_row_f64((const double *)xb.buf + r * n, (double *)ob.buf + r * n,
-                                 p, b, n, rank, kl, eps, a, &wk);
+                                 p, b, n, rank, kl, eps, a, &wk, w);
                 else
                     soft_row_f32((const float *)xb.buf + r * n, (float *)ob.buf + r * n,
-                                 p, b, n, rank, kl, eps, a, &wk);
+                                 p, b, n, rank, kl, eps, a, &wk, w);
             }
         }
         Py_END_ALLOW_THREADS
@@ -833,6 +879,10 @@ done:
     PyMem_RawFree(wk.start);
     PyMem_RawFree(wk.acc_a);
     PyMem_RawFree(wk.gpow);
+    PyMem_RawFree(wk.rel);
+    PyMem_RawFree(wk.anchor);
+    if (held_w)
+        PyBuffer_Release(&wb);
     if (held >= 4)
         PyBuffer_Release(&bb);
     if (held >= 3)
@@ -843,23 +893,23 @@ done:
     return result;
 }
 
-/* soft_backward(x, perm, block, g, dx, rank, kl, eps, descending) -> None */
+/* soft_backward(x, perm, block, g, dx, rank, kl, eps, descending, weights=None) -> None */
 static PyObject *soft_backward(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *xo, *po, *bo, *go, *dxo;
+    PyObject *xo, *po, *bo, *go, *dxo, *wo = Py_None;
     int rank, kl, descending;
     double eps;
-    if (!PyArg_ParseTuple(args, "OOOOOppdp:soft_backward", &xo, &po, &bo, &go, &dxo, &rank,
-                          &kl, &eps, &descending))
+    if (!PyArg_ParseTuple(args, "OOOOOppdp|O:soft_backward", &xo, &po, &bo, &go, &dxo,
+                          &rank, &kl, &eps, &descending, &wo))
         return NULL;
     if (!(eps > 0.0) || !isfinite(eps)) {
         PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
                      PyTuple_GET_ITEM(args, 7));
         return NULL;
     }
-    Py_buffer xb, pb, bb, gb, db;
-    int held = 0;
+    Py_buffer xb, pb, bb, gb, db, wb;
+    int held = 0, held_w = 0;
     PyObject *result = NULL;
     double *scratch = NULL;
     int fx = get_array(xo, &xb, "x", 0);
@@ -884,6 +934,15 @@ static PyObject *soft_backward(PyObject *self, PyObject *args)
     if (get_shaped(dxo, &db, "dx", 1, fx, rows, n) < 0)
         goto done;
     held = 5;
+    if (wo != Py_None) {
+        if (!kl) {
+            PyErr_SetString(PyExc_ValueError, "weights are only used for kl");
+            goto done;
+        }
+        if (get_shaped(wo, &wb, "weights", 0, FMT_F64, rows, n) < 0)
+            goto done;
+        held_w = 1;
+    }
     if (rows == 0 || n == 0) {
         Py_INCREF(Py_None);
         result = Py_None;
@@ -921,14 +980,15 @@ static PyObject *soft_backward(PyObject *self, PyObject *args)
         for (Py_ssize_t r = 0; r < rows; r++) {
             const int64_t *p = (const int64_t *)pb.buf + r * n;
             const int64_t *b = (const int64_t *)bb.buf + r * n;
+            const double *w = held_w ? (const double *)wb.buf + r * n : NULL;
             if (fx == FMT_F64)
                 soft_vjp_f64((const double *)xb.buf + r * n, p, b,
                              (const double *)gb.buf + r * n, (double *)db.buf + r * n, n,
-                             rank, kl, a, scratch);
+                             rank, kl, a, scratch, w);
             else
                 soft_vjp_f32((const float *)xb.buf + r * n, p, b,
                              (const float *)gb.buf + r * n, (float *)db.buf + r * n, n,
-                             rank, kl, a, scratch);
+                             rank, kl, a, scratch, w);
         }
         Py_END_ALLOW_THREADS
     }
@@ -936,6 +996,8 @@ static PyObject *soft_backward(PyObject *self, PyObject *args)
     result = Py_None;
 done:
     PyMem_RawFree(scratch);
+    if (held_w)
+        PyBuffer_Release(&wb);
     if (held >= 5)
         PyBuffer_Release(&db);
     if (held >= 4)
@@ -1107,14 +1169,16 @@ static PyMethodDef pav_methods[] = {
      "Non-increasing fit argmin sum exp(y - v) + exp(w) v of every row; block value\n"
      "logsumexp(y_B) - logsumexp(w_B), pooled in the log domain. Outputs as in l2."},
     {"soft_forward", soft_forward, METH_VARARGS,
-     "soft_forward(x, out, perm, block, rank, kl, eps, descending) -> status\n--\n\n"
+     "soft_forward(x, out, perm, block, rank, kl, eps, descending, weights=None) -> status\n--\n\n"
      "Soft rank (rank=True) or soft sort of every row of x (2-D, C-contiguous float32/\n"
      "float64): sort, isotonic pass and output in one call. Writes out (x's dtype), the\n"
      "row-wise order perm and the block starts (int64). Returns 0, or 1 (x holds NaN/inf)\n"
-     "or 2 (the scaled values overflow x's dtype) with nothing written."},
+     "or 2 (the scaled values overflow x's dtype) with nothing written. For kl, a float64\n"
+     "weights array receives each element's softmax weight within its block."},
     {"soft_backward", soft_backward, METH_VARARGS,
-     "soft_backward(x, perm, block, g, dx, rank, kl, eps, descending)\n--\n\n"
-     "Vector-Jacobian product of soft_forward: writes J(x)^T g into dx (x's dtype)."},
+     "soft_backward(x, perm, block, g, dx, rank, kl, eps, descending, weights=None)\n--\n\n"
+     "Vector-Jacobian product of soft_forward: writes J(x)^T g into dx (x's dtype).\n"
+     "For kl, the forward's weights spare recomputing the block softmax."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -239,24 +239,30 @@ class _SoftSortRankEager(torch.autograd.Function):
     jvp = _SoftSortRank.jvp
 
 
-def _forward_cpu(x, strength, regularization, rank, descending):
+def _forward_cpu(x, strength, regularization, rank, descending, want_weights=False):
     """C forward on a contiguous CPU float32/float64 tensor.
 
-    Returns ``(out, x2, ints)``: the result tensor, ``x`` as a 2-D NumPy view and the
-    int64 ``(2, rows, n)`` array of ``perm`` and ``block``.
+    Returns ``(out, x2, ints, weights)``: the result tensor, ``x`` as a 2-D NumPy view,
+    the int64 ``(2, rows, n)`` array of ``perm`` and ``block``, and (float64 KL with
+    ``want_weights``, else None) the block softmax weights for the backward.
     """
     n = x.shape[-1]
     x2 = x.detach().numpy().reshape(-1, n)
     # Results are allocated in x's shape (a torch view costs more than a NumPy one).
     out = np.empty(x.shape, dtype=x2.dtype)
     ints = np.empty((2, *x2.shape), dtype=np.int64)
-    if _core._ext.soft_forward(x2, out.reshape(x2.shape), ints[0], ints[1], rank,
-                               regularization == "kl", strength, descending):
+    kl = regularization == "kl"
+    # float64 KL: the forward hands over the block softmax it built from its merges, so
+    # the backward needs no exp. (float32 sorts float32-rounded keys; its backward
+    # recomputes the softmax from x in float64, which is more accurate there.)
+    weights = np.empty(x2.shape) if want_weights and kl and x2.dtype == np.float64 else None
+    if _core._ext.soft_forward(x2, out.reshape(x2.shape), ints[0], ints[1], rank, kl,
+                               strength, descending, weights):
         # NaN/inf or overflow: nothing was written; this raises the detailed error.
         _core.forward_checked(x2, op="rank" if rank else "sort",
                               regularization=regularization, strength=strength,
                               descending=descending)
-    return torch.from_numpy(out), x2, ints
+    return torch.from_numpy(out), x2, ints, weights
 
 
 class _SoftSortRankCPU(torch.autograd.Function):
@@ -272,10 +278,11 @@ class _SoftSortRankCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, strength, regularization, rank, descending):
-        out, x2, ints = _forward_cpu(x, strength, regularization, rank, descending)
+        out, x2, ints, weights = _forward_cpu(x, strength, regularization, rank, descending,
+                                              want_weights=True)
         # The NumPy views are kept for the backward; saved_tensors still guards x
         # against in-place changes between forward and backward.
-        ctx.arrays = (x2, ints)
+        ctx.arrays = (x2, ints, weights)
         ints = torch.from_numpy(ints)
         ctx.save_for_backward(x, ints)
         ctx.save_for_forward(x, ints)
@@ -291,11 +298,11 @@ class _SoftSortRankCPU(torch.autograd.Function):
                                 strength=strength, regularization=regularization, rank=rank,
                                 descending=descending)
             return grad_x, None, None, None, None
-        x2, i2 = ctx.arrays
+        x2, i2, weights = ctx.arrays
         g2 = grad.contiguous().numpy().reshape(x2.shape)
         dx = np.empty(x.shape, dtype=x2.dtype)
         _core._ext.soft_backward(x2, i2[0], i2[1], g2, dx.reshape(x2.shape), rank,
-                                 regularization == "kl", strength, descending)
+                                 regularization == "kl", strength, descending, weights)
         return torch.from_numpy(dx), None, None, None, None
 
     @staticmethod

@@ -251,3 +251,39 @@ def test_public_functions_agree_with_and_without_the_fused_kernel(monkeypatch):
         np.testing.assert_allclose(soft_sort(x, **kw), sort, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="must be finite"):
         soft_rank(np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.05, 1.0, 1e4])
+def test_kl_forward_weights_are_the_block_softmax(eps):
+    # The KL forward can hand its block softmax to the backward; it must equal
+    # softmax(u_B) computed directly (NumPy's block_weights), and the backward given it
+    # must equal the backward that recomputes it.
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(5, 400))
+    x[:, 3] = x[:, 7]
+    for op, desc in itertools.product(("rank", "sort"), (False, True)):
+        o, p, b = np.empty_like(x), np.empty(x.shape, np.int64), np.empty(x.shape, np.int64)
+        w = np.empty(x.shape)
+        assert ext.soft_forward(x, o, p, b, op == "rank", True, eps, desc, w) == 0
+        want = core.block_weights(x, p, b, op=op, regularization="kl", strength=eps,
+                                  descending=desc)
+        np.testing.assert_allclose(w, want, rtol=1e-12, atol=1e-300)
+        g = rng.normal(size=x.shape)
+        d1, d2 = np.empty_like(x), np.empty_like(x)
+        ext.soft_backward(x, p, b, g, d1, op == "rank", True, eps, desc)
+        ext.soft_backward(x, p, b, g, d2, op == "rank", True, eps, desc, w)
+        np.testing.assert_allclose(d2, d1, rtol=1e-11, atol=1e-11 * np.abs(d1).max())
+
+
+def test_weights_buffers_are_checked():
+    x = np.zeros((2, 4))
+    o, p, b = np.empty_like(x), np.empty(x.shape, np.int64), np.empty(x.shape, np.int64)
+    with pytest.raises(ValueError, match="weights are only computed for kl"):
+        ext.soft_forward(x, o, p, b, True, False, 1.0, False, np.empty(x.shape))
+    with pytest.raises(TypeError, match="weights must be float64, got float32"):
+        ext.soft_forward(x, o, p, b, True, True, 1.0, False, np.empty(x.shape, np.float32))
+    with pytest.raises(ValueError, match=r"weights must have shape \(2, 4\)"):
+        ext.soft_forward(x, o, p, b, True, True, 1.0, False, np.empty((2, 3)))
+    ext.soft_forward(x, o, p, b, True, True, 1.0, False)
+    with pytest.raises(ValueError, match="weights are only used for kl"):
+        ext.soft_backward(x, p, b, x, o, True, False, 1.0, False, np.empty(x.shape))
