@@ -33,7 +33,10 @@ def _ticks(lo, hi, log, n=5):
     if log:
         a, b = math.floor(lo), math.ceil(hi)
         step = max(1, (b - a) // n)
-        return [10.0 ** e for e in range(a, b + 1, step)]
+        decades = [10.0 ** e for e in range(a, b + 1, step)]
+        if b - a <= 2:  # a span of a decade or two needs 2x and 5x ticks to be readable
+            decades = sorted(m * d for d in decades for m in (1, 2, 5))
+        return [t for t in decades if lo - 1e-9 <= math.log10(t) <= hi + 1e-9]
     span = hi - lo
     raw = span / n
     mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
