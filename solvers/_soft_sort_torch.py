@@ -239,30 +239,31 @@ class _SoftSortRankEager(torch.autograd.Function):
     jvp = _SoftSortRank.jvp
 
 
-def _forward_cpu(x, strength, regularization, rank, descending, want_weights=False):
+def _forward_cpu(x, strength, kl, rank, descending, want_weights=False):
     """C forward on a contiguous CPU float32/float64 tensor.
 
     Returns ``(out, x2, ints, weights)``: the result tensor, ``x`` as a 2-D NumPy view,
-    the int64 ``(2, rows, n)`` array of ``perm`` and ``block``, and (float64 KL with
-    ``want_weights``, else None) the block softmax weights for the backward.
+    the int64 ``(2, rows, n)`` array of ``perm`` and ``block``, and (KL with
+    ``want_weights``, else None) the float64 block softmax weights for the backward.
     """
-    n = x.shape[-1]
-    x2 = x.detach().numpy().reshape(-1, n)
-    # Results are allocated in x's shape (a torch view costs more than a NumPy one).
-    out = np.empty(x.shape, dtype=x2.dtype)
-    ints = np.empty((2, *x2.shape), dtype=np.int64)
-    kl = regularization == "kl"
-    # float64 KL: the forward hands over the block softmax it built from its merges, so
-    # the backward needs no exp. (float32 sorts float32-rounded keys; its backward
-    # recomputes the softmax from x in float64, which is more accurate there.)
-    weights = np.empty(x2.shape) if want_weights and kl and x2.dtype == np.float64 else None
-    if _core._ext.soft_forward(x2, out.reshape(x2.shape), ints[0], ints[1], rank, kl,
-                               strength, descending, weights):
+    shape = x.shape
+    x2 = x.detach().numpy()
+    if x2.ndim != 2:
+        x2 = x2.reshape(-1, shape[-1])
+    rows_shape = x2.shape
+    out = np.empty(rows_shape, dtype=x2.dtype)
+    ints = np.empty((2, *rows_shape), dtype=np.int64)
+    # KL: the forward hands over the block softmax it built from its merges' own exps
+    # (in float64 for either dtype), so the backward needs no exp at all.
+    weights = np.empty(rows_shape) if want_weights and kl else None
+    if _core._ext.soft_forward(x2, out, ints[0], ints[1], rank, kl, strength, descending,
+                               weights):
         # NaN/inf or overflow: nothing was written; this raises the detailed error.
         _core.forward_checked(x2, op="rank" if rank else "sort",
-                              regularization=regularization, strength=strength,
+                              regularization="kl" if kl else "l2", strength=strength,
                               descending=descending)
-    return torch.from_numpy(out), x2, ints, weights
+    out = torch.from_numpy(out)
+    return (out if len(shape) == 2 else out.view(shape)), x2, ints, weights
 
 
 class _SoftSortRankCPU(torch.autograd.Function):
@@ -270,50 +271,61 @@ class _SoftSortRankCPU(torch.autograd.Function):
 
     One C call per forward and one per backward on views of the tensors' memory (no
     copies of contiguous input, no dispatcher, one output): at (1, 1000) the per-call
-    Python overhead is what remains. ``perm`` and ``block`` are kept on ``ctx`` as 2-D
-    int64 tensors. A backward that must be differentiable itself (``create_graph``)
-    falls back to the torch-op backward. Calls that need neither a graph nor a tangent
-    skip this Function and call :func:`_forward_cpu` directly.
+    Python overhead is what remains, so the hot path keeps to plain attribute reads and
+    the options travel as one tuple (``kl`` as a bool, no string compares). ``perm``
+    and ``block`` are kept on ``ctx`` as NumPy views. A backward that must be
+    differentiable itself (``create_graph``) falls back to the torch-op backward. Calls
+    that need neither a graph nor a tangent skip this Function and call
+    :func:`_forward_cpu` directly.
     """
 
     @staticmethod
-    def forward(ctx, x, strength, regularization, rank, descending):
-        out, x2, ints, weights = _forward_cpu(x, strength, regularization, rank, descending,
+    def forward(ctx, x, strength, kl, rank, descending):
+        out, x2, ints, weights = _forward_cpu(x, strength, kl, rank, descending,
                                               want_weights=True)
         # The NumPy views are kept for the backward; saved_tensors still guards x
         # against in-place changes between forward and backward.
-        ctx.arrays = (x2, ints, weights)
-        ints = torch.from_numpy(ints)
-        ctx.save_for_backward(x, ints)
-        ctx.save_for_forward(x, ints)
-        ctx.options = (strength, regularization, rank, descending)
+        ctx.state = (x2, ints, weights, strength, kl, rank, descending)
+        ctx.save_for_backward(x)
+        if _forward_ad._current_level >= 0:
+            ctx.save_for_forward(x)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, ints = ctx.saved_tensors
-        strength, regularization, rank, descending = ctx.options
-        if torch.is_grad_enabled() or grad.dtype != x.dtype or not _plain(grad):
-            grad_x = _vjp_torch(x, ints[0].view(x.shape), ints[1].view(x.shape), grad,
-                                strength=strength, regularization=regularization, rank=rank,
-                                descending=descending)
-            return grad_x, None, None, None, None
-        x2, i2, weights = ctx.arrays
-        g2 = grad.contiguous().numpy().reshape(x2.shape)
-        dx = np.empty(x.shape, dtype=x2.dtype)
-        _core._ext.soft_backward(x2, i2[0], i2[1], g2, dx.reshape(x2.shape), rank,
-                                 regularization == "kl", strength, descending, weights)
-        return torch.from_numpy(dx), None, None, None, None
+        x, = ctx.saved_tensors
+        x2, ints, weights, strength, kl, rank, descending = ctx.state
+        if (torch.is_grad_enabled() or grad.dtype != x.dtype or type(grad) is not torch.Tensor
+                or not _plain(grad)):
+            return _SoftSortRankCPU._torch_vjp(ctx, x, grad), None, None, None, None
+        g2 = grad.contiguous().numpy()
+        if g2.ndim != 2:
+            g2 = g2.reshape(x2.shape)
+        dx = np.empty(x2.shape, dtype=x2.dtype)
+        _core._ext.soft_backward(x2, ints[0], ints[1], g2, dx, rank, kl, strength,
+                                 descending, weights)
+        dx = torch.from_numpy(dx)
+        return (dx if x.ndim == 2 else dx.view(x.shape)), None, None, None, None
+
+    @staticmethod
+    def _torch_vjp(ctx, x, grad):
+        _, ints, _, strength, kl, rank, descending = ctx.state
+        ints = torch.from_numpy(ints)
+        return _vjp_torch(x, ints[0].view(x.shape), ints[1].view(x.shape), grad,
+                          strength=strength, regularization="kl" if kl else "l2",
+                          rank=rank, descending=descending)
 
     @staticmethod
     def jvp(ctx, x_t, *_):
-        x, ints = ctx.saved_tensors
-        strength, regularization, rank, descending = ctx.options
+        x, = ctx.saved_tensors
+        _, ints, _, strength, kl, rank, descending = ctx.state
+        ints = torch.from_numpy(ints)
         return _jvp_torch(x, ints[0].view(x.shape), ints[1].view(x.shape), x_t,
-                          strength=strength, regularization=regularization, rank=rank,
-                          descending=descending)
+                          strength=strength, regularization="kl" if kl else "l2",
+                          rank=rank, descending=descending)
 
 
+_FAST_DTYPES = (torch.float32, torch.float64)
 _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
             torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -321,6 +333,17 @@ _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
 def soft_sort_rank_torch(x: torch.Tensor, *, op: str, fn: str, regularization: str,
                          strength: float, descending: bool) -> torch.Tensor:
     """Validated entry point behind :func:`nonsmooth.solvers.soft_sort` for tensors."""
+    rank = op == "rank"
+    # The common case first, in cheap attribute reads (per-call overhead at small n).
+    if (type(x) is torch.Tensor and x.dtype in _FAST_DTYPES and x.ndim and x.shape[-1]
+            and _core._FUSED and x.is_contiguous()
+            and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _plain(x)):
+        kl = regularization == "kl"
+        if ((x.requires_grad and torch.is_grad_enabled())
+                or _forward_ad._current_level >= 0):  # a graph or a tangent to carry
+            return _SoftSortRankCPU.apply(x, strength, kl, rank, descending)
+        return _forward_cpu(x, strength, kl, rank, descending)[0]
     work = _COMPUTE.get(x.dtype)
     if work is None:
         raise TypeError(
@@ -335,20 +358,11 @@ def soft_sort_rank_torch(x: torch.Tensor, *, op: str, fn: str, regularization: s
     if torch.compiler.is_compiling():
         # Dynamo traces the op with its registered autograd; it rejects Functions
         # that define a forward-mode rule.
-        out, _, _ = _soft_sort_rank(xw, strength, regularization, op == "rank", descending)
-    elif (_core._FUSED and xw.device.type == "cpu" and work == x.dtype
-          and xw.is_contiguous() and _plain(xw)):
-        if ((xw.requires_grad and torch.is_grad_enabled())
-                or _forward_ad._current_level >= 0):  # a graph or a tangent to carry
-            return _SoftSortRankCPU.apply(xw, strength, regularization, op == "rank",
-                                          descending)
-        return _forward_cpu(xw, strength, regularization, op == "rank", descending)[0]
+        out, _, _ = _soft_sort_rank(xw, strength, regularization, rank, descending)
     elif _plain(xw):
-        out, _, _ = _SoftSortRankEager.apply(xw, strength, regularization, op == "rank",
-                                             descending)
+        out, _, _ = _SoftSortRankEager.apply(xw, strength, regularization, rank, descending)
     else:
-        out, _, _ = _SoftSortRank.apply(xw, strength, regularization, op == "rank",
-                                        descending)
+        out, _, _ = _SoftSortRank.apply(xw, strength, regularization, rank, descending)
     return out.to(x.dtype) if work != x.dtype else out
 
 
