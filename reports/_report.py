@@ -134,13 +134,14 @@ def run_report(*, out: str | os.PathLike = "nonsmooth-report", quick: bool = Fal
     t0 = time.perf_counter()
     done: list[dict] = []
     partial, reason = False, ""
-    own_executor = None
+    own_executor = client = None
     if executor is None and scheduler:
         try:
             from distributed import Client
         except ImportError as exc:
             raise RuntimeError("--scheduler needs Dask distributed: pip install 'nonsmooth[dask]'") from exc
-        executor = Client(scheduler).get_executor()
+        client = Client(scheduler)
+        executor = client.get_executor()
     if executor is None and jobs > 1:
         executor = own_executor = ProcessPoolExecutor(max_workers=jobs)
     progress = None
@@ -172,6 +173,8 @@ def run_report(*, out: str | os.PathLike = "nonsmooth-report", quick: bool = Fal
     finally:
         if own_executor is not None:
             own_executor.shutdown(wait=not partial, cancel_futures=True)
+        if client is not None:
+            client.close()
     report = _assemble(done, quick=quick, seconds=time.perf_counter() - t0, partial=partial, reason=reason)
     paths = write_report(report, Path(out))
     return report, paths

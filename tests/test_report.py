@@ -167,3 +167,29 @@ def test_prove_options_reach_the_prove_command(capsys):
 
     for proof in catalog():
         assert proof.name in listed
+
+
+def _strip_timing(suite):
+    return {k: v for k, v in suite.items() if k != "seconds"}
+
+
+def test_jobs_run_suites_in_processes_with_the_serial_result(tmp_path):
+    serial, _ = _report.run_report(out=tmp_path / "a", suites=["environment", "proofs"], quick=True,
+                                   show_progress=False)
+    pooled, _ = _report.run_report(out=tmp_path / "b", suites=["environment", "proofs"], quick=True, jobs=2,
+                                   show_progress=False)
+    assert [s["name"] for s in pooled["suites"]] == ["environment", "proofs"]
+    assert [len(s["checks"]) for s in pooled["suites"]] == [len(s["checks"]) for s in serial["suites"]]
+    assert [[c["passed"] for c in s["checks"]] for s in pooled["suites"]] == \
+        [[c["passed"] for c in s["checks"]] for s in serial["suites"]]
+
+
+@pytest.mark.slow
+def test_scheduler_address_runs_suites_on_dask(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        report, _ = _report.run_report(out=tmp_path, suites=["environment"], quick=True,
+                                       scheduler=cluster.scheduler_address, show_progress=False)
+    assert report["suites"][0]["name"] == "environment"
+    assert report["suites"][0]["checks"][0]["name"] == "C PAV kernel loaded"
