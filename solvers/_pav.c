@@ -598,9 +598,11 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
                         pw[j] = wk->rel[j] * pw[wk->anchor[j]];                          \
                         z += pw[j];                                                      \
                     }                                                                    \
-                    if (e - s > 1)                                                       \
+                    if (e - s > 1) { /* one division per block, not per element */    \
+                        const double iz = 1.0 / z;                                       \
                         for (Py_ssize_t j = s; j < e; j++)                               \
-                            pw[j] /= z;                                                  \
+                            pw[j] *= iz;                                                 \
+                    }                                                                    \
                 }                                                                        \
         }                                                                                \
         /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
