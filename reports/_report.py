@@ -57,8 +57,8 @@ def run_suite(name: str, quick: bool, frameworks=None, progress=None) -> dict:
         raise
     except Exception:
         return _error_result(name, traceback.format_exc(), time.perf_counter() - t0).to_json()
-    if not result.seconds:
-        result = SuiteResult(**{**result.__dict__, "seconds": time.perf_counter() - t0})
+    # The runner's wall clock, import included, so every suite is timed the same way.
+    result = SuiteResult(**{**result.__dict__, "seconds": time.perf_counter() - t0})
     return result.to_json()
 
 
