@@ -168,11 +168,6 @@ def _x_record(x) -> dict:
 def _audit(f, x, options: dict):
     try:
         from nonsmooth.conservative import audit
-    except ImportError:
-        audit = None
-    try:
-        if audit is None:  # the engine's module, before the subpackage re-exports it
-            from nonsmooth.conservative._audit import audit
     except ImportError as err:
         raise ImportError(
             "assert_ad_is_clarke / assert_no_bifurcation need the conservative engine "
