@@ -69,14 +69,27 @@ def _rules(N: int, sigma: float, noise: str, control_variate: bool, event_ndim: 
 
 
 def draw_noise(layer: PerturbedLayer, theta, key):
-    """(Z, score source): Gumbel Z = -log E with E = -log U (score 1 - E), or normal Z."""
+    """(Z, score source): Gumbel Z = -log E with E = -log U (score 1 - E), or normal Z.
+
+    PRNG choice: the user's key with jax's threefry generator, but always in its
+    non-partitionable counter layout (``jax.threefry_partitionable(False)``, scoped to this
+    draw; the user's global setting is untouched).  On CPU that layout generates the
+    (N, *theta.shape) block about twice as fast as the partitionable default of jax >= 0.5,
+    and it is the same threefry-2x32 stream cipher, so the noise has the same
+    distribution and is reproducible from ``key`` alone (though not bit-identical to
+    ``jax.random.gumbel(key, ...)`` under the default layout).  The ``rbg`` and
+    ``unsafe_rbg`` implementations were measured too and are *slower* than either
+    threefry layout on CPU (jax 0.10.2).  Gumbel goes through two logs of one uniform
+    (E = -log U is reused as the score), which costs less than a separate exponential draw.
+    """
     shape = (layer.num_samples,) + tuple(theta.shape)
-    if layer.noise == "gumbel":
-        tiny = jnp.finfo(theta.dtype).tiny
-        E = -jnp.log(jax.random.uniform(key, shape, theta.dtype, minval=tiny, maxval=1.0))
-        return -jnp.log(E), E
-    Z = jax.random.normal(key, shape, theta.dtype)
-    return Z, Z
+    with jax.threefry_partitionable(False):
+        if layer.noise == "gumbel":
+            tiny = jnp.finfo(theta.dtype).tiny
+            E = -jnp.log(jax.random.uniform(key, shape, theta.dtype, minval=tiny, maxval=1.0))
+            return -jnp.log(E), E
+        Z = jax.random.normal(key, shape, theta.dtype)
+        return Z, Z
 
 
 def perturbed_jax(layer: PerturbedLayer, theta, key):
