@@ -324,6 +324,7 @@ typedef struct {
     uint32_t *ia, *ib;
     Py_ssize_t *start;
     double *acc_a, *acc_b, *value, *u, *y;
+    double *ex; /* KL: exp(u_j - u_0) of the row */
     double *ratio, *ratio2;
     double *rel;          /* KL: weight of a block start relative to its absorber */
     Py_ssize_t *anchor;   /* KL: the start of the block that absorbed it */
@@ -548,6 +549,57 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
             }                                                                            \
             for (Py_ssize_t k = 0; k < top; k++)                                         \
                 val[k] = va[k];                                                          \
+        }                                                                                \
+        else if (u[0] - u[n - 1] < 600.0) {                                              \
+            /* E_j = exp(u_j - u_0) <= 1 (u descends), all taken in one dependency-free \
+               loop; a spread under 600 keeps every E_j and block sum a normal double.  \
+               Blocks are then (log-free part, data sum, geometric sum) with the common \
+               u_0 left out of the comparisons: a merge is two additions, no exp. */    \
+            double *E = wk->ex, *nm = wk->ratio, *dn = wk->ratio2;                       \
+            const double u0 = u[0];                                                      \
+            for (Py_ssize_t j = 0; j < n; j++)                                           \
+                E[j] = exp(u[j] - u0);                                                   \
+            for (Py_ssize_t i = 0; i < n; i++) {                                         \
+                double sd = E[i], cn, cd;                                                \
+                double b = rank ? -(double)(T)(n - i) : (double)((T)(n - i) / teps);     \
+                cn = rank ? sd : 1.0;                                                    \
+                cd = rank ? 1.0 : sd;                                                    \
+                Py_ssize_t s = i;                                                        \
+                while (top > 0 && kl_le(val[top - 1], nm[top - 1], dn[top - 1], b, cn,   \
+                                        cd)) {                                           \
+                    top--;                                                               \
+                    sd += vb[top];                                                       \
+                    s = st[top];                                                         \
+                    b = val[top];                                                        \
+                    const double g = geo_sum(wk, i + 1 - s);                             \
+                    cn = rank ? sd : g;                                                  \
+                    cd = rank ? g : sd;                                                  \
+                }                                                                        \
+                st[top] = s;                                                             \
+                va[top] = u0;                                                            \
+                vb[top] = sd;                                                            \
+                val[top] = b;                                                            \
+                nm[top] = cn;                                                            \
+                dn[top] = cd;                                                            \
+                top++;                                                                   \
+            }                                                                            \
+            for (Py_ssize_t k = 0; k < top; k++) {                                       \
+                const Py_ssize_t s = st[k];                                              \
+                const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                      \
+                if (e - s == 1) { /* exactly y, so a singleton returns w exactly */      \
+                    val[k] = rank ? u[s] - (double)(T)(n - s)                            \
+                                  : (double)((T)(n - s) / teps) - u[s];                  \
+                    if (pw)                                                              \
+                        pw[s] = 1.0;                                                     \
+                    continue;                                                            \
+                }                                                                        \
+                val[k] += log(nm[k] / dn[k]) + (rank ? u0 : -u0);                        \
+                if (pw) {                                                                \
+                    const double iz = 1.0 / vb[k];                                       \
+                    for (Py_ssize_t j = s; j < e; j++)                                   \
+                        pw[j] = E[j] * iz;                                               \
+                }                                                                        \
+            }                                                                            \
         }                                                                                \
         else {                                                                           \
             /* va: first data value of the block, vb: sum exp(data - first); the value  \
@@ -797,7 +849,7 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.ka = PyMem_RawMalloc(2 * sz * sizeof(uint64_t));
     wk.ia = PyMem_RawMalloc(2 * sz * sizeof(uint32_t));
     wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
-    wk.acc_a = PyMem_RawMalloc(7 * sz * sizeof(double));
+    wk.acc_a = PyMem_RawMalloc(8 * sz * sizeof(double));
     wk.gpow = kl ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
     wk.rel = held_w ? PyMem_RawMalloc(sz * sizeof(double)) : NULL;
     wk.anchor = held_w ? PyMem_RawMalloc(sz * sizeof(Py_ssize_t)) : NULL;
@@ -817,6 +869,7 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.y = wk.acc_a + 4 * sz;
     wk.ratio = wk.acc_a + 5 * sz;
     wk.ratio2 = wk.acc_a + 6 * sz;
+    wk.ex = wk.acc_a + 7 * sz;
     if (kl) {
         wk.gsum = wk.gpow + (sz + 1);
         /* the arithmetic side: rho (step 1) for rank, rho / eps for sort */
