@@ -335,3 +335,35 @@ def test_torch_lean_path_rejects_in_place_change_before_backward():
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kl_rows_on_both_sides_of_the_shared_exp_spread_limit(dtype):
+    # A KL row whose scaled values spread less than 600 pools with exps taken once
+    # against the row's max; a wider row pools with one exp per merge. Rows of one batch
+    # on either side of the limit (and at it) must both match the NumPy pipeline, and
+    # their forward softmax weights must match the directly computed block softmax.
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=(1, 300))
+    base = (base - base.min()) / (base.max() - base.min())  # spread exactly 1
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-3)
+    for op, desc in itertools.product(("rank", "sort"), (False, True)):
+        eps = 1.0 if op == "rank" else 3.0  # rank scales x by 1/eps, sort does not
+        spreads = [1.0, 599.0, 600.0, 601.0, 2000.0]
+        x = np.concatenate([base * sp for sp in spreads]).astype(dtype)
+        x[:, 5] = x[:, 9]  # ties
+        kw = dict(op=op, regularization="kl", strength=eps, descending=desc)
+        o, p, b = np.empty_like(x), np.empty(x.shape, np.int64), np.empty(x.shape, np.int64)
+        w = np.empty(x.shape)
+        assert ext.soft_forward(x, o, p, b, op == "rank", True, eps, desc, w) == 0
+        want, _, want_block = core._forward_rows_numpy(x, **kw)
+        np.testing.assert_allclose(o, want, **tol)
+        np.testing.assert_array_equal(b, want_block)
+        assert np.any(b[:, 1:] != np.arange(1, 300))  # some rows pool, so it is exercised
+        want_w = core.block_weights(x, p, b, **kw)
+        np.testing.assert_allclose(w, want_w, rtol=1e-12 if dtype == np.float64 else 1e-5,
+                                   atol=1e-300)
+        g = rng.normal(size=x.shape).astype(dtype)
+        dx = np.empty_like(x)
+        ext.soft_backward(x, p, b, g, dx, op == "rank", True, eps, desc, w)
+        np.testing.assert_allclose(dx, core._vjp_rows_numpy(x, p, b, g, **kw), **tol)
