@@ -425,6 +425,49 @@ static uint64_t *radix_packed(uint64_t *a, uint64_t *b, Py_ssize_t n, int lo)
 DEFINE_SORT_ROW(sort_row_f64, double, key_f64, 8)
 DEFINE_SORT_ROW(sort_row_f32, float, key_f32, 4)
 
+/*
+ * exp(x) for -700 <= x <= 0 (the caller guarantees the range, so no overflow, underflow
+ * or NaN handling): x = k ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^13
+ * (truncation < 1e-17 relative), 2^k from the exponent bits.  Straight-line and
+ * branch-free so a loop of it vectorizes, unlike calls to libm's exp; within 2 ulp.
+ */
+static inline double exp_nonpos(double x)
+{
+    const double shift = 6755399441055744.0; /* 1.5 * 2^52: rounds to an integer */
+    double kd = x * 1.4426950408889634074 + shift;
+    uint64_t ki;
+    memcpy(&ki, &kd, sizeof ki);
+    kd -= shift;
+    /* ln 2 split so that kd * LN2_HI is exact for |k| < 2^20 */
+    const double r = (x - kd * 6.93147180369123816490e-01) - kd * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const uint64_t sbits = (ki + 1023) << 52;
+    double scale;
+    memcpy(&scale, &sbits, sizeof scale);
+    return p * scale;
+}
+
+/* e[j] = exp(u[j] - u[0]) for u descending with u[0] - u[n-1] <= 700. */
+static void exp_from_max(double *restrict e, const double *restrict u, Py_ssize_t n)
+{
+    const double u0 = u[0];
+    for (Py_ssize_t j = 0; j < n; j++)
+        e[j] = exp_nonpos(u[j] - u0);
+}
+
 /* Sum of exp over a block of length L of an arithmetic sequence with step -d, relative
    to its first term: sum_{k<L} q^k, q = exp(-d); extended on demand, shared by rows. */
 static inline double geo_sum(Work *wk, Py_ssize_t L)
@@ -557,8 +600,7 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
                u_0 left out of the comparisons: a merge is two additions, no exp. */    \
             double *E = wk->ex, *nm = wk->ratio, *dn = wk->ratio2;                       \
             const double u0 = u[0];                                                      \
-            for (Py_ssize_t j = 0; j < n; j++)                                           \
-                E[j] = exp(u[j] - u0);                                                   \
+            exp_from_max(E, u, n);                                                       \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
                 double sd = E[i], cn, cd;                                                \
                 double b = rank ? -(double)(T)(n - i) : (double)((T)(n - i) / teps);     \
