@@ -80,8 +80,9 @@ def draw_noise(layer: PerturbedLayer, theta, key):
     ``jax.random.gumbel(key, ...)`` under the default layout).  The ``rbg`` and
     ``unsafe_rbg`` implementations were measured too and are *slower* than either
     threefry layout on CPU (jax 0.10.2).  The trade-off: with theta sharded over several
-    devices this layout does not shard the draw (that is what "partitionable" buys).  Gumbel goes through two logs of one uniform
-    (E = -log U is reused as the score), which costs less than a separate exponential draw.
+    devices this layout does not shard the draw (that is what "partitionable" buys).
+    Gumbel goes through two logs of one uniform (E = -log U is reused as the score),
+    which costs less than a separate exponential draw.
     """
     shape = (layer.num_samples,) + tuple(theta.shape)
     with jax.threefry_partitionable(False):

@@ -378,3 +378,30 @@ def test_jax_fenchel_young_gradient_is_y_sigma_minus_y_under_jit():
     g = jax.jit(jax.grad(lambda t: loss(t, target, key=key).sum()))(theta)
     y = perturbed(argmax_onehot, num_samples=200, sigma=SIGMA)(theta, key=key)
     np.testing.assert_allclose(np.asarray(g), np.asarray(y - target), atol=1e-6)
+
+
+@pytest.mark.parametrize("noise", ["gumbel", "normal"])
+def test_jax_noise_layout_keeps_distribution_and_global_flag(noise):
+    """The fast threefry layout must give the same law and leave the user's setting alone."""
+    from scipy.stats import gumbel_r, kstest
+
+    from nonsmooth.solvers._perturbed_jax import draw_noise
+
+    layer = perturbed(argmax_onehot, num_samples=20000, sigma=SIGMA, noise=noise)
+    theta = jnp.zeros((3,), jnp.float32)
+    before = jax.config.jax_threefry_partitionable
+    Z, score = jax.jit(lambda t, k: draw_noise(layer, t, k))(theta, jax.random.PRNGKey(3))
+    assert jax.config.jax_threefry_partitionable == before
+    Z, score = np.asarray(Z, np.float64), np.asarray(score, np.float64)
+    law = gumbel_r.cdf if noise == "gumbel" else norm.cdf
+    for col in range(3):
+        assert kstest(Z[:, col], law).pvalue > 1e-3
+    # columns are independent draws: their correlation is within 5 standard errors of 0
+    assert abs(np.corrcoef(Z[:, 0], Z[:, 1])[0, 1]) < K / math.sqrt(Z.shape[0])
+    np.testing.assert_allclose(score, np.exp(-Z) if noise == "gumbel" else Z, rtol=1e-5)
+    # the layer's output depends on the key only, not on the user's global layout choice
+    t = jnp.asarray([0.3, -0.1, 0.2])
+    flag_on = layer(t, key=jax.random.PRNGKey(8))
+    with jax.threefry_partitionable(not before):
+        flag_off = layer(t, key=jax.random.PRNGKey(8))
+    np.testing.assert_array_equal(flag_on, flag_off)
