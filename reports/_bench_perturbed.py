@@ -101,13 +101,15 @@ def _jax_rows(quick, out):
         if optax_p is not None:
             pf = optax_p.make_perturbed_fun(solver, num_samples=SAMPLES, sigma=SIGMA)
             fo = jax.jit(jax.value_and_grad(lambda t, k, pf=pf: jnp.sum(pf(k, t) * g)))
-            fo_same = jax.jit(jax.value_and_grad(_same_layout(lambda t, k, pf=pf: jnp.sum(pf(k, t) * g))))
+            fo_same = jax.jit(jax.value_and_grad(
+                _same_layout(lambda t, k, pf=pf: jnp.sum(pf(k, t) * g))))
             cands["optax"] = lambda fo=fo: jax.block_until_ready(fo(theta, key))
             cands["optax, same RNG"] = lambda f=fo_same: jax.block_until_ready(f(theta, key))
         if jaxopt_p is not None:
             pj = jaxopt_p.make_perturbed_argmax(solver, num_samples=SAMPLES, sigma=SIGMA)
             fj = jax.jit(jax.value_and_grad(lambda t, k, pj=pj: jnp.sum(pj(t, k) * g)))
-            fj_same = jax.jit(jax.value_and_grad(_same_layout(lambda t, k, pj=pj: jnp.sum(pj(t, k) * g))))
+            fj_same = jax.jit(jax.value_and_grad(
+                _same_layout(lambda t, k, pj=pj: jnp.sum(pj(t, k) * g))))
             cands["jaxopt"] = lambda fj=fj: jax.block_until_ready(fj(theta, key))
             cands["jaxopt, same RNG"] = lambda f=fj_same: jax.block_until_ready(f(theta, key))
         t = interleaved(cands, repeats=5 if quick else 25)
