@@ -551,9 +551,11 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
  * KL pooling: both s and w are non-increasing, so a block's first element is the max
  * of both: a block keeps its first data value, sum exp(data - first), and its value as
  * (log-free part, two sums) with value = part + log(sum / sum); the arithmetic side
- * (rho or rho/eps) is a geometric sum from a shared table.  A merge costs one exp;
- * kl_le compares values without a log or a division unless they are within 0.032,
- * and each final block takes one log.
+ * (rho or rho/eps) is a geometric sum from a shared table.  When the row's values spread
+ * under 600, all data exps are taken once against the row's max (a vectorized loop) and
+ * a merge is two additions; wider rows take one exp per merge relative to the block's
+ * first value.  kl_le compares values without a log or a division unless they are
+ * within 0.032, and each final block takes one log.
  */
 #define DEFINE_SOFT_ROW(NAME, T, SORT)                                                   \
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
