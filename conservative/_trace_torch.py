@@ -421,8 +421,7 @@ def as_inputs(x) -> tuple:
             raise TypeError(f"x[{i}] must be a torch.Tensor like the others, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"x[{i}] must have a floating dtype, got {t.dtype}")
-        if t.device.type != "cpu":
-            pass  # analyses move to CPU float64 below
+    # Any device is accepted: the analyses copy inputs to CPU float64 themselves.
     return xs
 
 
