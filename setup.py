@@ -15,11 +15,22 @@ class _BuildExt(build_ext):
     def run(self):
         try:
             super().run()
+            if not self.inplace:
+                self._copy_to_checkout()
         except Exception:
             if os.environ.get("NONSMOOTH_ALLOW_NO_EXT") == "1":
                 print("nonsmooth: C extension skipped (NONSMOOTH_ALLOW_NO_EXT=1)")
                 return
             raise
+
+    def _copy_to_checkout(self):
+        # Also leave the kernel in the source tree, so tests run from a checkout
+        # (``python -m pytest`` imports the sibling folders) load the C build too.
+        # A read-only source tree only loses that convenience.
+        try:
+            self.copy_extensions_to_source()
+        except OSError as e:
+            print(f"nonsmooth: could not copy the C extension into the source tree ({e})")
 
     def build_extension(self, ext):
         try:
