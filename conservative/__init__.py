@@ -12,17 +12,9 @@ output is in the Clarke Jacobian::
 
 Importing this package imports neither torch nor jax; the adapters load on first use.
 """
-from ._audit import (
-    ActiveKink,
-    Audit,
-    ClarkeSet,
-    Verdict,
-    audit,
-    audit_batch,
-    clarke_jacobian,
-    ld_jacobian,
-    selection_jacobians,
-)
+from ._audit import audit, audit_batch
+from ._jacobians import clarke_jacobian, ld_jacobian, selection_jacobians
+from ._result import ActiveKink, Audit, ClarkeSet, Verdict
 from ._bifurcation import BifurcationStudy, BifurcationZone, bifurcation_study, bifurcation_zone
 from ._campaign import Case, CampaignResult, merge_results, run_campaign
 from ._conventions import KinkConventions, kink_conventions

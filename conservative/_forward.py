@@ -1,4 +1,5 @@
-"""Forward evaluation of the IR in float64 with a tangent matrix, branching at kinks.
+"""Stage 2, forward tangents: evaluate the IR in float64 with a tangent matrix, branching
+at kinks.
 
 One pass evaluates every node in float64, pushes a tangent matrix (k columns: identity
 directions give the full Jacobian, a direction matrix M gives f'(x; M)) and, at each
@@ -7,12 +8,19 @@ branch (option) to take there:
 
 * :class:`LexPolicy`: Khan & Barton's lexicographic rule (first nonzero tangent column);
 * :class:`AssignPolicy`: a given vertex choice per site (AD-selection Jacobians);
+* :class:`ConventionPolicy`: one derivative convention per primitive, shared by all of
+  its sites (relu'(0) = s everywhere), as a framework setting would choose it;
 * :class:`EnumPolicy`: every option whose first-order region stays nonempty (LP), giving
   a depth-first enumeration of the essentially active pieces.
 
-Every run records the strict linear conditions on the directions ``d`` under which its
-branches are in force, so any leaf can be checked for being an essentially active piece.
-Smooth primitives are evaluated and differentiated by the framework (``backend``).
+Contract: every leaf records the strict linear conditions on the directions ``d`` under
+which its branches are in force (``conds``), with, for each row, where it came from
+(``meta``: node, condition, whether its argument is piecewise affine), so the piece
+stage can check each leaf and each *pruned* partial pattern (``Interpreter.pruned``)
+against the exactness contract.  The walk is iterative (no recursion per kink), except
+for a nested walk at a comparison that ties to first order, whose branches are compared.
+Smooth primitives are evaluated and differentiated by the framework (``backend``);
+``detach``/``stop_gradient`` pass no tangent, as in AD.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from ._lp import strictly_feasible
 from ._rules import RULES
 
 ZERO_ROW = 1e-13
-_STOP = {"stop_gradient", "aten.detach.default", "aten.detach_copy.default"}
+STOP = {"stop_gradient", "aten.detach.default", "aten.detach_copy.default", "aten.detach_.default"}
 
 
 def _rmax(r) -> float:
@@ -42,16 +50,39 @@ class NotEnumerable(Exception):
     """A site has no finite list of branches (2-norm at 0): enumeration cannot be exact."""
 
 
+@dataclasses.dataclass(frozen=True)
+class CondMeta:
+    """Where a condition row came from: the node, the functional on its inputs, and
+    whether the node's inputs are piecewise affine in x (then the row is exact)."""
+
+    node: int
+    cond: tuple  # ((input_pos, flat_elem, coef), ...)
+    affine: bool
+    choices: tuple  # the path's choices before this node: ((site, option), ...)
+
+
 @dataclasses.dataclass
 class Leaf:
     out: np.ndarray  # flat float64 outputs
     jac: np.ndarray  # (n_out, k): the outputs' tangents
     choices: list  # [(Site, Option)]
     conds: list  # rows (k,) with row . d > 0 on this piece
+    meta: list  # CondMeta per row
     certified: bool  # no branch was taken on a tie that persists to first order at a jump
     degenerate: bool  # some kink argument had a zero first-order tangent
     nonaffine_kink: bool  # some active kink's argument is not piecewise affine in x
     witness: Any = None
+    degenerate_nonaffine: bool = False  # a zero-row kink whose argument is not piecewise affine
+
+
+@dataclasses.dataclass
+class Pruned:
+    """A partial pattern the LP found infeasible at first order."""
+
+    conds: list
+    meta: list
+    choices: list
+    after_degenerate_nonaffine: bool
 
 
 class LexPolicy:
@@ -87,6 +118,40 @@ class AssignPolicy:
         return [site.options[self.assign(site) % len(site.options)]]
 
 
+def convention_key(site, node) -> str:
+    """Sites that one framework-wide derivative convention governs together."""
+    return f"{node.origin or node.rule}:{site.kind}"
+
+
+class ConventionPolicy:
+    """One convention ``s`` in [0, 1] per primitive (``weights[convention_key]``): unary
+    kinks take the slope ``(1 - s) left + s right``, ties the tangent ``(1 - s) da + s db``;
+    discrete choices (jumps, comparisons, tie orders) take the first option for s < 1/2,
+    the last otherwise.  A 2-norm at 0 takes the zero subgradient."""
+
+    branching = False
+
+    def __init__(self, weights: dict, default: float = 0.0):
+        self.weights = weights
+        self.default = default
+
+    def options(self, site, rowfn, node):
+        s = float(self.weights.get(convention_key(site, node), self.default))
+        opts = site.options
+        if site.kind == "norm":
+            return [R.Option("zero", [], ("u", np.zeros(len(node._norm_slices[site.key[1]]))))]
+        if len(opts) <= 1:
+            return opts[:1]
+        if site.kind == "kink" and len(opts) == 2:
+            (l, lv), (r, rv) = opts[0].data, opts[1].data
+            if l == "l1":  # a 1-norm's zero element: (tag, slope)
+                return [R.Option(f"s={s:g}", [], ("l1", (1.0 - s) * lv + s * rv))]
+            return [R.Option(f"s={s:g}", [], ((1.0 - s) * l + s * r, None))]
+        if site.kind == "tie" and len(opts) == 2:
+            return [R.Option(f"s={s:g}", [], ("mix", s))]
+        return [opts[0] if s < 0.5 else opts[-1]]
+
+
 class EnumPolicy:
     branching = True
 
@@ -110,6 +175,8 @@ def _affine_vars(graph: Graph, backend) -> tuple[set, set]:
             ok = True
         elif node.rule is not None:
             ok = RULES[node.rule].piecewise_affine and all(v.id in affine for v in ins)
+        elif node.prim in STOP:
+            ok = True  # no tangent passes: constant as far as the pieces go
         else:
             ok = backend.is_linear(node, [isinstance(v, Var) and v.id in live for v in node.inputs]) and all(
                 v.id in affine for v in ins if v.id in live
@@ -120,12 +187,51 @@ def _affine_vars(graph: Graph, backend) -> tuple[set, set]:
     return live, affine
 
 
+@dataclasses.dataclass
+class _State:
+    vals: dict
+    tans: dict
+    conds: list
+    meta: list
+    choices: list
+    certified: bool
+    degenerate: bool
+    nonaffine: bool
+    witness: Any
+    n_sites: int
+    degenerate_nonaffine: bool = False
+
+    def copy(self):
+        return _State(dict(self.vals), dict(self.tans), self.conds, self.meta, self.choices, self.certified,
+                      self.degenerate, self.nonaffine, self.witness, self.n_sites, self.degenerate_nonaffine)
+
+    def copy_conds(self):
+        return _State(self.vals, self.tans, list(self.conds), list(self.meta), list(self.choices), self.certified,
+                      self.degenerate, self.nonaffine, self.witness, self.n_sites, self.degenerate_nonaffine)
+
+
+@dataclasses.dataclass
+class _SiteFrame:
+    i: int
+    node: Node
+    ctx: Any
+    sites: list
+    rowfn: Any
+    in_vals: list
+    in_tans: list
+    affine: bool
+    chosen_before: tuple
+
+
 class Interpreter:
-    def __init__(self, graph: Graph, backend, xs64: list, *, kink_tol: float = 0.0):
+    def __init__(self, graph: Graph, backend, xs64: list, *, kink_tol: float = 0.0, shadow: dict | None = None,
+                 flush: bool = False):
         self.g = graph
         self.be = backend
         self.xs64 = xs64
         self.tol = float(kink_tol)
+        self.shadow = shadow or {}
+        self.flush = bool(flush)
         cached = getattr(graph, "_affine", None)
         if cached is None:
             cached = graph._affine = _affine_vars(graph, backend)
@@ -143,6 +249,10 @@ class Interpreter:
         if rel is None:
             rel = graph._relevant = self._tangent_relevant()
         self.relevant = rel
+        self.sites_seen: dict = {}
+        self.pruned: list[Pruned] = []
+        self.collapsed: set = set()  # sites whose options all gave the same first-order result
+        self.stop_identity = False  # True: detach/stop_gradient pass tangents (f's own derivative)
 
     def _tangent_relevant(self) -> set:
         """Float variables whose tangent can reach an output (stop_gradient/detach cut it)."""
@@ -150,7 +260,7 @@ class Interpreter:
         for node in reversed(self.g.nodes):
             if not any(o.id in rel for o in node.outputs):
                 continue
-            if node.prim in _STOP:
+            if node.prim in STOP:
                 continue
             for v in node.inputs:
                 if isinstance(v, Var) and v.is_float:
@@ -181,9 +291,10 @@ class Interpreter:
         self._max_leaves = max_leaves
         self._max_sites = max_sites
         self._leaves: list[Leaf] = []
-        self.sites_seen: dict[tuple, Any] = {}
-        st = _State(vals, tans, [], [], True, False, False, None, 0)
-        self._walk(0, st)
+        self.sites_seen = {}
+        self.pruned = []
+        self.collapsed = set()
+        self._drive([("node", 0, _State(vals, tans, [], [], [], True, False, False, None, 0))])
         return self._leaves
 
     def graph_function(self):
@@ -207,14 +318,51 @@ class Interpreter:
         self._graph_fn = fn
         return fn
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the walk
 
-    def _walk(self, i: int, st: "_State") -> None:
+    def _drive(self, stack: list) -> None:
+        """Depth-first walk with an explicit stack of ("node", i, state) and
+        ("site", frame, j, chosen, state) items."""
+        nodes = self.g.nodes
+        while stack:
+            item = stack.pop()
+            if item[0] == "node":
+                _, i, st = item
+                frame = self._advance(i, st)
+                if frame is None:
+                    self._leaf(st)
+                else:
+                    stack.append(("site", frame, 0, [], st))
+                continue
+            _, fr, j, chosen, st = item
+            if j == len(fr.sites):
+                outs, otans = self._apply(fr.node, fr.ctx, chosen, fr.in_vals, fr.in_tans)
+                st2 = st.copy()
+                st2.choices = st.choices + chosen
+                self._store(st2, fr.node, outs, otans)
+                stack.append(("node", fr.i + 1, st2))
+                continue
+            if len(self._leaves) >= self._max_leaves:
+                raise BudgetExceeded(f"more than {self._max_leaves} pieces")
+            children = self._branch_site(fr, j, chosen, st)
+            for child in reversed(children):
+                stack.append(child)
+        del nodes
+
+    def _advance(self, i: int, st: _State):
+        """Evaluate nodes from ``i`` until one has active sites; return its frame (or None
+        at the end of the graph)."""
         nodes = self.g.nodes
         while i < len(nodes):
             node = nodes[i]
             in_vals = [st.vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
             in_tans = [st.tans.get(v.id) if isinstance(v, Var) else None for v in node.inputs]
+            if node.prim in STOP:
+                outs = self.be.eval(node, in_vals)
+                passed = [in_tans[0]] if self.stop_identity and in_tans else [None] * len(outs)
+                self._store(st, node, outs, passed)
+                i += 1
+                continue
             const = not any(isinstance(v, Var) and v.id in self.live for v in node.inputs)
             same = len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] and RULES.get(node.rule or "", None) is not None \
                 and RULES[node.rule].impl in ("pick", "compare")
@@ -246,26 +394,17 @@ class Interpreter:
                         row = row + c * t[:, e]
                 return row
 
-            nonaffine = any(
+            affine = not any(
                 isinstance(v, Var) and v.is_float and v.id in self.live and v.id not in self.affine for v in node.inputs
             )
-            self._branch(i, node, ctx, sites, 0, [], st, rowfn, in_vals, in_tans, nonaffine)
-            return
-        self._leaf(st)
+            return _SiteFrame(i, node, ctx, sites, rowfn, in_vals, in_tans, affine, tuple(st.choices))
+        return None
 
-    def _branch(self, i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans, nonaffine):
-        if len(self._leaves) >= self._max_leaves:
-            raise BudgetExceeded(f"more than {self._max_leaves} pieces")
-        if j == len(sites):
-            outs, otans = self._apply(node, ctx, chosen, in_vals, in_tans)
-            st2 = st.copy()
-            st2.choices = st.choices + chosen
-            self._store(st2, node, outs, otans)
-            self._walk(i + 1, st2)
-            return
-        site = sites[j]
-        opts = self._policy.options(site, rowfn, node)
-        rows_per_opt = [[rowfn(c) for c in o.conds] for o in opts]
+    def _branch_site(self, fr: _SiteFrame, j: int, chosen: list, st: _State) -> list:
+        """The children of the branch tree at site ``j`` of a node."""
+        site = fr.sites[j]
+        opts = self._policy.options(site, fr.rowfn, fr.node)
+        rows_per_opt = [[fr.rowfn(c) for c in o.conds] for o in opts]
         all_zero = all(_rmax(r) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
         if self._policy.branching and all_zero and len(opts) > 1:
             if site.discrete:
@@ -273,58 +412,69 @@ class Interpreter:
                 # (a comparison, a jump, indices): first order cannot say which branch
                 # holds near x.  If every branch ends in the same pieces the choice does
                 # not matter; otherwise the pieces are uncertified.
-                self._degenerate_discrete(i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans,
-                                          nonaffine, site, opts)
-                return
+                self._degenerate_discrete(fr, j, chosen, st, site, opts)
+                return []
             # every branch gives the same tangents and values: take one
+            self.collapsed.add((site.node, site.key))
             opts, rows_per_opt = opts[:1], rows_per_opt[:1]
+        children = []
         for opt, rows in zip(opts, rows_per_opt):
             st2 = st.copy_conds()
             zero = [r for r in rows if _rmax(r) <= ZERO_ROW]
-            live_rows = [r for r in rows if _rmax(r) > ZERO_ROW]
+            live_conds = [(r, c) for r, c in zip(rows, opt.conds) if _rmax(r) > ZERO_ROW]
             if zero or (all_zero and len(site.options) > 1):
                 st2.degenerate = True
                 if site.discrete:
                     st2.certified = False
-            if nonaffine and live_rows:
+                if not fr.affine:
+                    st2.degenerate_nonaffine = True
+            if not fr.affine and live_conds:
                 st2.nonaffine = True
-            st2.conds = st2.conds + live_rows
-            if self._policy.branching and live_rows:
+            st2.conds = st2.conds + [r for r, _ in live_conds]
+            st2.meta = st2.meta + [CondMeta(fr.i, tuple(c), fr.affine, fr.chosen_before + tuple(chosen))
+                                   for _, c in live_conds]
+            if self._policy.branching and live_conds:
                 ok, w = strictly_feasible(st2.conds, st2.witness)
                 if not ok:
+                    self.pruned.append(Pruned(list(st2.conds), list(st2.meta), list(st.choices) + chosen + [(site, opt)],
+                                              st.degenerate_nonaffine))
                     continue
                 st2.witness = w
-            self._branch(i, node, ctx, sites, j + 1, chosen + [(site, opt)], st2, rowfn, in_vals, in_tans, nonaffine)
+            children.append(("site", fr, j + 1, chosen + [(site, opt)], st2))
+        return children
 
-    def _degenerate_discrete(self, i, node, ctx, sites, j, chosen, st, rowfn, in_vals, in_tans, nonaffine,
-                             site, opts):
-        saved = self._leaves
+    def _degenerate_discrete(self, fr, j, chosen, st, site, opts):
+        saved, saved_pruned = self._leaves, self.pruned
         groups = []
         for opt in opts:
-            self._leaves = []
+            self._leaves, self.pruned = [], []
             st2 = st.copy_conds()
             st2.degenerate = True
-            self._branch(i, node, ctx, sites, j + 1, chosen + [(site, opt)], st2, rowfn, in_vals, in_tans, nonaffine)
-            groups.append(self._leaves)
-        self._leaves = saved
+            if not fr.affine:
+                st2.degenerate_nonaffine = True
+            self._drive([("site", fr, j + 1, chosen + [(site, opt)], st2)])
+            groups.append((self._leaves, self.pruned))
+        self._leaves, self.pruned = saved, saved_pruned
 
         def same(a, b):
             return (a.out.shape == b.out.shape and np.allclose(a.out, b.out, rtol=1e-12, atol=1e-12, equal_nan=True)
                     and np.allclose(a.jac, b.jac, rtol=1e-12, atol=1e-12, equal_nan=True)
                     and len(a.conds) == len(b.conds))
 
-        ref = groups[0]
-        if all(len(g) == len(ref) and all(same(a, b) for a, b in zip(g, ref)) for g in groups[1:]):
+        ref = groups[0][0]
+        if all(len(g) == len(ref) and all(same(a, b) for a, b in zip(g, ref)) for g, _ in groups[1:]):
             self._leaves.extend(ref)
+            self.pruned.extend(groups[0][1])
         else:
-            for g in groups:
+            for g, pr in groups:
                 for lf in g:
                     lf.certified = False
                 self._leaves.extend(g)
+                self.pruned.extend(pr)
         if len(self._leaves) > self._max_leaves:
             raise BudgetExceeded(f"more than {self._max_leaves} pieces")
 
-    def _leaf(self, st: "_State") -> None:
+    def _leaf(self, st: _State) -> None:
         outs, jac = [], []
         for v in self.g.outputs:
             outs.append(np.asarray(self.be.asnumpy(st.vals[v.id]), dtype=np.float64).reshape(-1))
@@ -334,8 +484,8 @@ class Interpreter:
             else:
                 jac.append(np.asarray(self.be.asnumpy(t), dtype=np.float64).reshape(self._k, -1).T)
         self._leaves.append(
-            Leaf(np.concatenate(outs), np.concatenate(jac, axis=0), list(st.choices), list(st.conds),
-                 st.certified, st.degenerate, st.nonaffine, st.witness)
+            Leaf(np.concatenate(outs), np.concatenate(jac, axis=0), list(st.choices), list(st.conds), list(st.meta),
+                 st.certified, st.degenerate, st.nonaffine, st.witness, st.degenerate_nonaffine)
         )
 
     def _store(self, st, node, outs, otans):
@@ -345,28 +495,54 @@ class Interpreter:
 
     # ------------------------------------------------------------------ per-impl
 
+    def _np_inputs(self, i, node, in_vals):
+        """The node's inputs as float64 NumPy arrays, read as the framework reads them
+        (subnormals flushed to zero where it flushes), with the user-dtype shadow values."""
+        def read(j):
+            if j >= len(in_vals):  # a Python scalar operand (torch ge.Scalar's ``other``)
+                return np.asarray(float(node.params.get("other")), dtype=np.float64)
+            a = np.asarray(self.be.asnumpy(in_vals[j]), dtype=np.float64)
+            if self.flush:
+                a = np.where(np.abs(a) < np.finfo(np.float64).tiny, np.copysign(0.0, a), a)
+            return a
+
+        return read, self.shadow.get(i)
+
     def _sites(self, i, node: Node, in_vals, in_tans):
         rule = RULES[node.rule]
         impl = rule.impl
         tol = self.tol
-        def np_in(j):
-            if j >= len(in_vals):  # a Python scalar operand (torch ge.Scalar's ``other``)
-                return np.asarray(float(node.params.get("other")), dtype=np.float64)
-            return np.asarray(self.be.asnumpy(in_vals[j]), dtype=np.float64)
+        np_in, shadow = self._np_inputs(i, node, in_vals)
+
+        def union(sites, more):
+            keys = {s.key for s in sites}
+            return sites + [s for s in more if s.key not in keys]
+
+        def alt(j):
+            return None if shadow is None or j >= len(shadow) else shadow[j]
 
         if impl in ("unary", "jump", "nonlipschitz"):
-            return R.unary_sites(i, node, rule, np_in(0), tol), None
+            sites = R.unary_sites(i, node, rule, np_in(0), tol)
+            if alt(0) is not None and alt(0).shape == np_in(0).shape:
+                sites = union(sites, R.unary_sites(i, node, rule, alt(0), tol))
+            return sites, None
         if impl in ("pick", "compare"):
             fl = any((isinstance(v, Var) and v.is_float) or (isinstance(v, Lit) and np.issubdtype(np.asarray(v.value).dtype, np.floating))
                      for v in node.inputs) or (len(node.inputs) < 2 and isinstance(node.params.get("other"), float))
-            return R.binary_sites(i, node, rule, np_in(0), np_in(1), node.outputs[0].shape, tol, fl), None
+            sites = R.binary_sites(i, node, rule, np_in(0), np_in(1), node.outputs[0].shape, tol, fl)
+            if alt(0) is not None and alt(1) is not None:
+                sites = union(sites, R.binary_sites(i, node, rule, alt(0), alt(1), node.outputs[0].shape, tol, fl))
+            return sites, None
         if impl == "norm":
             x = np_in(0)
             slices, _ = R.norm_slices(x.shape, node.params.get("dim"))
             node._norm_slices = slices
-            return R.norm_sites(i, node, x, tol), slices
+            sites = R.norm_sites(i, node, x, tol)
+            if alt(0) is not None and alt(0).shape == x.shape:
+                sites = union(sites, R.norm_sites(i, node, alt(0), tol))
+            return sites, slices
         if impl == "select":
-            return self._select_sites(i, node, rule, in_vals, np_in(0))
+            return self._select_sites(i, node, rule, in_vals, np_in(0), alt(0))
         raise AssertionError(impl)
 
     def _select_outcome(self, node, in_vals, x, order):
@@ -385,11 +561,14 @@ class Interpreter:
             res.append(order[r.astype(np.int64)] if from_key else r)
         return res
 
-    def _select_sites(self, i, node, rule, in_vals, x):
+    def _select_sites(self, i, node, rule, in_vals, x, x_alt=None):
         v = x.reshape(-1)
         order0 = R.base_order(v)
         ctx = {"x": x, "order0": order0}
         groups = R.tie_groups(v, self.tol)
+        if x_alt is not None and x_alt.shape == x.shape:
+            # ties the framework's own arithmetic sees: merge overlapping groups
+            groups = _merge_groups(groups + R.tie_groups(x_alt.reshape(-1), self.tol))
         if not groups:
             return [], ctx
         if node.params.get("num_keys", 1) != 1:
@@ -399,6 +578,9 @@ class Interpreter:
         sites = []
         for g in groups:
             g = np.sort(g)
+            # the members must be contiguous in the base order for reorder(); put them so
+            order0 = _make_contiguous(order0, g)
+            ctx["order0"] = order0
             changed = False
             for alt in (g[::-1], np.roll(g, 1)):
                 out = self._select_outcome(node, in_vals, x, R.reorder(order0, g, alt))
@@ -486,22 +668,26 @@ class Interpreter:
         return self._back(node, vals, tans)
 
 
-@dataclasses.dataclass
-class _State:
-    vals: dict
-    tans: dict
-    conds: list
-    choices: list
-    certified: bool
-    degenerate: bool
-    nonaffine: bool
-    witness: Any
-    n_sites: int
+def _merge_groups(groups: list) -> list:
+    merged: list[set] = []
+    for g in groups:
+        s = set(int(q) for q in g)
+        for m in [m for m in merged if m & s]:
+            s |= m
+            merged.remove(m)
+        merged.append(s)
+    return [np.array(sorted(m)) for m in merged if len(m) > 1]
 
-    def copy(self):
-        return _State(dict(self.vals), dict(self.tans), self.conds, self.choices, self.certified,
-                      self.degenerate, self.nonaffine, self.witness, self.n_sites)
 
-    def copy_conds(self):
-        return _State(self.vals, self.tans, list(self.conds), list(self.choices), self.certified,
-                      self.degenerate, self.nonaffine, self.witness, self.n_sites)
+def _make_contiguous(order: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Move the members of ``group`` next to each other in ``order`` (at the first
+    member's slot): needed only when the framework's arithmetic ties elements that
+    float64 orders apart."""
+    pos = np.nonzero(np.isin(order, group))[0]
+    if len(pos) == 0 or pos[-1] - pos[0] == len(pos) - 1:
+        return order
+    rest = [q for q in order.tolist() if q not in set(group.tolist())]
+    at = int(pos[0])
+    before = [q for q in order[:at].tolist() if q not in set(group.tolist())]
+    after = [q for q in rest if q not in set(before)]
+    return np.array(before + sorted(group.tolist()) + after, dtype=order.dtype)

@@ -205,6 +205,10 @@ def pick_apply(choices, xs, tans, outs, out_tans, k, out_shape):
     val = _flat(outs[0]).copy()
     for site, opt in choices:
         e = site.key[1]
+        if isinstance(opt.data, tuple) and opt.data[0] == "mix":  # a convention: (1 - s) da + s db
+            s = opt.data[1]
+            t_out[:, e] = (0.0 if ta is None else (1.0 - s) * ta[:, ia[e]]) + (0.0 if tb is None else s * tb[:, ib[e]])
+            continue
         if opt.data == 0:
             t_out[:, e] = 0.0 if ta is None else ta[:, ia[e]]
             val[e] = a.reshape(-1)[ia[e]]

@@ -123,6 +123,16 @@ class _Tracer:
             n2 = self._node("min", lax.min_p, [n1.outputs[0], hi], avals, {}, rule="minimum", origin="clamp")
             return n2.outputs
         if name == "sqrt":
+            terms = self._square_terms(ins[0])
+            if terms:
+                out_aval = avals[0]
+                stack_aval = jax.core.ShapedArray((*out_aval.shape, len(terms)), out_aval.dtype)
+                st = self._node("stack", _stack_last, list(terms), [stack_aval], {})
+                st.location += f"  (the {len(terms)} squared terms of a sqrt, stacked)"
+                node = self._node("norm", _norm_fn((len(out_aval.shape),)), [st.outputs[0]], avals,
+                                  {"ord": 2, "dim": [len(out_aval.shape)]}, rule="norm")
+                node.location += "  (sqrt of a sum of squares, read as a 2-norm)"
+                return node.outputs
             z = self._sum_of_squares(ins[0])
             if z is not None:
                 arg, axes = z
@@ -161,6 +171,60 @@ class _Tracer:
         node = self._node(name, eqn.primitive, ins, avals, {}, eqn_params=p)
         return node.outputs
 
+    def _square_base(self, v):
+        if not isinstance(v, Var):
+            return None
+        m = self.producer.get(v.id)
+        if m is None:
+            return None
+        if m.prim == "mul" and isinstance(m.inputs[0], Var) and self._same(m.inputs[0], m.inputs[1]):
+            return m.inputs[0]
+        if m.prim == "integer_pow" and m.payload[1].get("y") == 2:
+            return m.inputs[0]
+        if m.prim == "square":
+            return m.inputs[0]
+        return None
+
+    def _same(self, a, b, depth=0) -> bool:
+        """Whether two operands compute the same value: the same variable, or the same
+        primitive with the same params on the same operands (``v[0] * v[0]``)."""
+        if a is b:
+            return True
+        if isinstance(a, Lit) and isinstance(b, Lit):
+            return np.array_equal(np.asarray(a.value), np.asarray(b.value))
+        if depth > 8 or not (isinstance(a, Var) and isinstance(b, Var)):
+            return False
+        na, nb = self.producer.get(a.id), self.producer.get(b.id)
+        if na is None or nb is None or na.prim != nb.prim or len(na.inputs) != len(nb.inputs):
+            return False
+        if [o.id for o in na.outputs].index(a.id) != [o.id for o in nb.outputs].index(b.id):
+            return False
+        try:
+            if repr(na.payload[1]) != repr(nb.payload[1]):
+                return False
+        except Exception:
+            return False
+        return all(self._same(x, y, depth + 1) for x, y in zip(na.inputs, nb.inputs))
+
+    def _square_terms(self, v, depth=0):
+        """The ``z_i`` of ``v = z_1**2 + z_2**2 + ...`` (at least two terms), else None."""
+        if not isinstance(v, Var) or depth > 64:
+            return None
+        n = self.producer.get(v.id)
+        if n is None or n.prim not in ("add", "add_any") or len(n.inputs) != 2:
+            return None
+        parts = []
+        for a in n.inputs:
+            z = self._square_base(a)
+            if z is None:
+                z = self._square_terms(a, depth + 1)
+                if not z:
+                    return None
+                parts += z
+            else:
+                parts.append(z)
+        return parts
+
     def _sum_of_squares(self, v):
         """``v = reduce_sum(z * z)`` (or of ``z ** 2``): return (z, axes)."""
         if not isinstance(v, Var):
@@ -173,11 +237,15 @@ class _Tracer:
         m = self.producer.get(sq.id) if isinstance(sq, Var) else None
         if m is None:
             return None
-        if m.prim == "mul" and isinstance(m.inputs[0], Var) and m.inputs[0] is m.inputs[1]:
+        if m.prim == "mul" and isinstance(m.inputs[0], Var) and self._same(m.inputs[0], m.inputs[1]):
             return m.inputs[0], axes
         if m.prim == "integer_pow" and m.payload[1].get("y") == 2:
             return m.inputs[0], axes
         return None
+
+
+def _stack_last(*ts):
+    return jnp.stack(jnp.broadcast_arrays(*ts), axis=-1)
 
 
 def _norm_fn(axes):
@@ -305,6 +373,31 @@ class Backend:
             n_out = jac[0].shape[0]
             return np.concatenate([np.asarray(j).reshape(n_out, -1) for j in jac], axis=1)
 
+    # --- helpers for frozen-branch programs (second-order analysis)
+
+    def where(self, mask: np.ndarray, a, b):
+        with _x64():
+            return jnp.where(jnp.asarray(mask), a, b)
+
+    def broadcast(self, a, shape):
+        with _x64():
+            return jnp.broadcast_to(a, tuple(shape))
+
+    def flat(self, a):
+        return jnp.ravel(a)
+
+    def concat(self, parts):
+        with _x64():
+            return jnp.concatenate([jnp.ravel(p) for p in parts])
+
+    def jacobian_hessian(self, fn, x0: np.ndarray):
+        """Jacobian (m, n) and Hessians (m, n, n) of ``fn`` (flat float64 -> flat) at ``x0``."""
+        with _x64():
+            x = jnp.asarray(np.asarray(x0, dtype=np.float64))
+            J = jax.jacrev(fn)(x)
+            H = jax.jacfwd(jax.jacrev(fn))(x)
+            return np.asarray(J, dtype=np.float64), np.asarray(H, dtype=np.float64)
+
     def asnumpy(self, v) -> np.ndarray:
         return np.asarray(v)
 
@@ -358,6 +451,56 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
     n = int(np.size(y))
     cols = [np.asarray(j, dtype=np.float64).reshape(n, -1) for j in jac]
     return np.concatenate(cols, axis=1), np.asarray(y, dtype=np.float64).reshape(-1)
+
+
+def shadow_inputs(graph: Graph, xs) -> dict:
+    """Inputs of every nonsmooth node as XLA computes them in the user's dtype (no float64
+    promotion): {node index: [float64 NumPy arrays]}."""
+    vals = {v.id: x for v, x in zip(graph.inputs, xs)}
+    for cid, c in graph.consts.items():
+        vals[cid] = c
+    out = {}
+    with _user_context(xs):
+        for i, node in enumerate(graph.nodes):
+            ins = [vals.get(v.id) if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
+            if node.rule is not None:
+                out[i] = [_flush(np.asarray(a, dtype=np.float64), a) for a in ins]
+            prim, params = node.payload
+            if callable(prim) and not hasattr(prim, "bind"):
+                res = [prim(*ins)]
+            else:
+                res = prim.bind(*ins, **params)
+                res = list(res) if prim.multiple_results else [res]
+            for o, r in zip(node.outputs, res):
+                vals[o.id] = r
+    return out
+
+
+def _flush(a64: np.ndarray, a) -> np.ndarray:
+    """XLA reads subnormal inputs as zero: so must the engine, when it decides kinks."""
+    dt = np.dtype(getattr(a, "dtype", np.float64))
+    if np.issubdtype(dt, np.floating) and flushes_subnormals(str(dt)):
+        tiny = np.finfo(dt).tiny
+        a64 = np.where(np.abs(a64) < tiny, np.copysign(0.0, a64), a64)
+    return a64
+
+
+_FLUSH: dict = {}
+
+
+def flushes_subnormals(dtype: str) -> bool:
+    """Whether XLA treats subnormal ``dtype`` numbers as zero in comparisons (it does on CPU)."""
+    if dtype not in _FLUSH:
+        try:
+            dt = np.dtype(dtype)
+            tiny = np.finfo(dt).tiny
+            ctx = jax.enable_x64(True) if dt == np.float64 else contextlib.nullcontext()
+            with ctx:
+                x = jnp.asarray(np.asarray(-tiny / 4, dtype=dt))
+                _FLUSH[dtype] = not bool(jax.jit(lambda v: v < 0)(x))
+        except Exception:
+            _FLUSH[dtype] = False
+    return _FLUSH[dtype]
 
 
 def versions() -> dict:

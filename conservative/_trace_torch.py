@@ -123,6 +123,9 @@ def trace(f: Callable, xs: tuple) -> Graph:
             if str(n.target) == "aten.sqrt.default" and _sum_of_squares(n) is not None:
                 _add_norm(graph, n, env, next_id)
                 continue
+            if str(n.target) == "aten.sqrt.default" and _square_terms(n.args[0]):
+                _add_pointwise_norm(graph, n, env, next_id)
+                continue
             _add_call(graph, n, env, next_id, gm)
         elif n.op == "output":
             outs = pytree.tree_leaves(n.args[0])
@@ -154,7 +157,7 @@ def _sum_of_squares(n):
         return None
     if str(b.target) == "aten.pow.Tensor_Scalar" and b.args[1] == 2:
         z = b.args[0]
-    elif str(b.target) == "aten.mul.Tensor" and b.args[0] is b.args[1]:
+    elif str(b.target) == "aten.mul.Tensor" and _same_value(b.args[0], b.args[1]):
         z = b.args[0]
     else:
         return None
@@ -163,6 +166,79 @@ def _sum_of_squares(n):
     dims = list(a.args[1]) if len(a.args) > 1 and a.args[1] is not None else None
     keep = bool(a.args[2]) if len(a.args) > 2 else bool(a.kwargs.get("keepdim", False))
     return z, dims, keep
+
+
+def _square_base(b):
+    """``z`` when fx node ``b`` is ``z ** 2``, ``z * z`` or ``square(z)``."""
+    if not isinstance(b, torch.fx.Node):
+        return None
+    t = str(b.target)
+    if t == "aten.pow.Tensor_Scalar" and b.args[1] == 2:
+        return b.args[0]
+    if t == "aten.mul.Tensor" and _same_value(b.args[0], b.args[1]):
+        return b.args[0]
+    if t == "aten.square.default":
+        return b.args[0]
+    return None
+
+
+def _same_value(a, b, depth=0) -> bool:
+    """Whether two fx arguments compute the same value: the same node, or the same pure op
+    on the same arguments (``v[0] * v[0]`` selects ``v[0]`` twice)."""
+    if a is b:
+        return True
+    if depth > 8 or not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+        return isinstance(a, (int, float, bool, str)) and type(a) is type(b) and a == b
+    if a.op != "call_function" or a.target is not b.target or len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    if getattr(a.target, "_schema", None) is not None and a.target._schema.is_mutable:
+        return False
+    for x, y in zip(a.args, b.args):
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            if len(x) != len(y) or not all(_same_value(p, q, depth + 1) for p, q in zip(x, y)):
+                return False
+        elif not _same_value(x, y, depth + 1):
+            return False
+    return True
+
+
+def _square_terms(a, depth=0):
+    """The ``z_i`` of ``a = z_1**2 + z_2**2 + ...`` (at least two terms), else None."""
+    if not isinstance(a, torch.fx.Node) or depth > 64:
+        return None
+    if str(a.target) == "aten.add.Tensor" and a.kwargs.get("alpha", 1) == 1 and len(a.args) == 2:
+        left = _square_terms(a.args[0], depth + 1) if _square_base(a.args[0]) is None else [_square_base(a.args[0])]
+        right = _square_terms(a.args[1], depth + 1) if _square_base(a.args[1]) is None else [_square_base(a.args[1])]
+        if left and right:
+            return left + right
+    return None
+
+
+def _stack_last(*ts):
+    return torch.stack(torch.broadcast_tensors(*ts), dim=-1)
+
+
+_stack_last._nonsmooth_linear = True
+
+
+def _add_pointwise_norm(graph: Graph, n, env, next_id) -> None:
+    """``sqrt(a**2 + b**2 + ...)`` elementwise is the 2-norm of the stacked (a, b, ...): read
+    it so, so its kink where all terms vanish (Lipschitz, Clarke set the unit ball) is
+    analysed instead of sqrt's infinite slope."""
+    terms = _square_terms(n.args[0])
+    shape = tuple(int(s) for s in n.meta["val"].shape)
+    stacked = Var(next_id(), (*shape, len(terms)), _np_dtype(n.meta["val"].dtype))
+    flat, spec = pytree.tree_flatten((tuple(terms), {}))
+    graph.nodes.append(Node(prim="nonsmooth.stack_last", inputs=tuple(env[t] for t in terms), outputs=(stacked,),
+                            params={}, payload=(_stack_last, flat, spec, list(range(len(terms)))),
+                            location=f"{n.name}: the {len(terms)} squared terms stacked"))
+    op = torch.ops.aten.linalg_vector_norm.default
+    out = _var_for(n.meta["val"], next_id)
+    flat, spec = pytree.tree_flatten(((torch.empty(0), 2.0, [-1], False), {}))
+    graph.nodes.append(Node(prim=str(op), inputs=(stacked,), outputs=(out,),
+                            params={"ord": 2.0, "dim": [-1], "keepdim": False}, payload=(op, flat, spec, [0]),
+                            rule="norm", location=f"{n.name} = aten.sqrt(sum of {len(terms)} squares), read as a 2-norm"))
+    env[n] = out
 
 
 def _add_norm(graph: Graph, n, env, next_id) -> None:
@@ -355,6 +431,8 @@ class Backend:
     def is_linear(self, node: Node, live: list) -> bool:
         """Whether the op is affine in its live inputs (the others held fixed)."""
         op = node.payload[0]
+        if getattr(op, "_nonsmooth_linear", False):
+            return True
         if not hasattr(op, "_schema"):
             return False
         base = _base_name(op)
@@ -376,6 +454,27 @@ class Backend:
         jac = (torch.func.jacrev if reverse else torch.func.jacfwd)(flat, argnums=argnums)(*xs64)
         n_out = jac[0].shape[0]
         return np.concatenate([j.reshape(n_out, -1).numpy() for j in jac], axis=1)
+
+    # --- helpers for frozen-branch programs (second-order analysis)
+
+    def where(self, mask: np.ndarray, a, b):
+        return torch.where(torch.from_numpy(np.ascontiguousarray(mask)), a, b)
+
+    def broadcast(self, a, shape):
+        return torch.broadcast_to(a, tuple(shape))
+
+    def flat(self, a):
+        return a.reshape(-1)
+
+    def concat(self, parts):
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def jacobian_hessian(self, fn, x0: np.ndarray):
+        """Jacobian (m, n) and Hessians (m, n, n) of ``fn`` (flat float64 -> flat) at ``x0``."""
+        x = torch.from_numpy(np.array(x0, dtype=np.float64))
+        J = torch.func.jacrev(fn)(x)
+        H = torch.func.jacfwd(torch.func.jacrev(fn))(x)
+        return J.detach().numpy(), H.detach().numpy()
 
     def asnumpy(self, v) -> np.ndarray:
         if isinstance(v, torch.Tensor):
@@ -443,6 +542,41 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
 
 def versions() -> dict:
     return {"torch": torch.__version__}
+
+
+def shadow_inputs(graph: Graph, xs) -> dict:
+    """Inputs of every nonsmooth node as torch computes them in the user's dtype and device
+    (no float64 promotion): {node index: [float64 NumPy arrays]}."""
+    vals = {v.id: x.detach() for v, x in zip(graph.inputs, xs)}
+    for cid, c in graph.consts.items():
+        vals[cid] = c.detach() if isinstance(c, torch.Tensor) else c
+    out = {}
+    with torch.no_grad():
+        for i, node in enumerate(graph.nodes):
+            ins = [vals.get(v.id) if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
+            if node.rule is not None:
+                out[i] = [np.asarray(a.detach().cpu().to(torch.float64).numpy()) if isinstance(a, torch.Tensor)
+                          else np.asarray(a, dtype=np.float64) for a in ins]
+            op, flat, spec, slots = node.payload
+            flat = list(flat)
+            for s_, v in zip(slots, ins):
+                flat[s_] = v
+            args, kwargs = pytree.tree_unflatten(flat, spec)
+            res = op(*args, **kwargs)
+            res = list(res) if isinstance(res, (tuple, list)) else [res]
+            for o, r in zip(node.outputs, res):
+                vals[o.id] = r
+    return out
+
+
+def flushes_subnormals(dtype: str) -> bool:
+    """Whether torch treats subnormal ``dtype`` numbers as zero here (``set_flush_denormal``)."""
+    dt = getattr(torch, dtype, None)
+    if dt is None or dt not in _FLOAT_DTYPES:
+        return False
+    tiny = torch.finfo(dt).tiny
+    x = torch.tensor(-tiny, dtype=dt) / 4  # a negative subnormal, if the format has them
+    return bool(x == 0) or not bool(x < 0)
 
 
 def dtype_name(xs) -> str:

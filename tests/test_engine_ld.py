@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from nonsmooth.conservative import Verdict, audit, clarke_jacobian, ld_jacobian  # noqa: E402
-from nonsmooth.conservative import _audit as A  # noqa: E402
+from nonsmooth.conservative import _pieces as A  # noqa: E402
+from nonsmooth.conservative._problem import Problem  # noqa: E402
 from nonsmooth.conservative import _forward as F  # noqa: E402
 from nonsmooth.conservative._lp import hull_residual, min_norm_point, strictly_feasible  # noqa: E402
 
@@ -71,7 +72,7 @@ def test_ld_enumeration_and_sampling_agree(program, seed):
     n = program[0]
     f = render(program)
     x0 = torch.zeros(n, dtype=torch.float64)
-    P = A._Problem(f, x0, kink_tol=0.0)
+    P = Problem(f, x0, kink_tol=0.0)
     try:
         leaves = P.run(F.EnumPolicy(), None, max_leaves=A.MAX_PIECES, max_sites=16)
     except F.BudgetExceeded:

@@ -436,9 +436,9 @@ def test_explanations_read_as_sentences():
 
 
 def test_too_large_dense_tangents_are_refused_clearly(monkeypatch):
-    from nonsmooth.conservative import _audit as A
+    from nonsmooth.conservative import _problem
 
-    monkeypatch.setattr(A, "MAX_TANGENT_FLOATS", 100)
+    monkeypatch.setattr(_problem, "MAX_TANGENT_FLOATS", 100)
     a = audit(lambda x: torch.relu(x) - torch.relu(-x), torch.zeros(20))
     assert a.verdict is Verdict.UNDECIDED and "fewer inputs" in a.reason
     with pytest.raises(ValueError, match="fewer inputs"):
