@@ -65,7 +65,41 @@ class Canonicalizer:
         return out
 
     def _atom(self, var, elem, tag="n"):
+        """A nonlinear value as an atom.  Two nodes computing the same primitive on the same
+        linear forms are the same atom (``u * u`` written twice is one function)."""
+        ni = self.producer.get(var.id)
+        if tag == "n" and ni is not None:
+            key = self._structural_key(ni, var)
+            if key is not None:
+                return {("s", key, elem): 1.0}
         return {(tag, var.id, elem): 1.0}
+
+    def _structural_key(self, ni, var):
+        node = self.g.nodes[ni]
+        if node.rule is not None and tag_for(node) == "piece":
+            return None
+        parts = []
+        for v in node.inputs:
+            if isinstance(v, Var):
+                if v.size > 64:
+                    return None
+                parts.append(("v", tuple(_freeze(self.form(v, e)) for e in range(v.size)), v.shape))
+            elif isinstance(v, Lit):
+                parts.append(("l", repr(np.asarray(v.value).tolist())))
+            else:
+                parts.append(("n",))
+        try:
+            params = repr(sorted((k, repr(val)) for k, val in node.params.items()))
+        except Exception:
+            return None
+        consts = []
+        payload = node.payload
+        if isinstance(payload, tuple) and len(payload) == 4:  # torch: (op, flat args, spec, slots)
+            consts = [repr(a) for i, a in enumerate(payload[1]) if i not in payload[3]]
+        elif isinstance(payload, tuple) and len(payload) == 2:  # jax: (primitive, params)
+            consts = [repr(sorted((k, repr(val)) for k, val in payload[1].items()))]
+        out_pos = [o.id for o in node.outputs].index(var.id)
+        return (node.prim, params, tuple(consts), tuple(parts), out_pos)
 
     def _form(self, var: Var, elem: int) -> dict:
         if var.id in self.input_ids:
@@ -90,7 +124,34 @@ class Canonicalizer:
             return _scale(self.form(src, elem), slope)
         if rule.impl == "pick" and out_pos == 0:
             return self._pick(ni, node, var, elem)
+        if rule.impl == "mask" and out_pos == 0:
+            return self._mask(node, var, elem)
         return self._atom(var, elem)
+
+    def _mask(self, node, var, elem):
+        """where(cond, a, b) (torch) / select_n(pred, a, b) (jax): the branch the path's
+        boolean picks at this element, when that boolean comes straight from a comparison."""
+        cond = node.inputs[0]
+        if not isinstance(cond, Var) or len(node.inputs) != 3:
+            return self._atom(var, elem)
+        ci = self.producer.get(cond.id)
+        value = None
+        if ci is not None and RULES.get(self.g.nodes[ci].rule or "", None) is not None \
+                and RULES[self.g.nodes[ci].rule].impl == "compare":
+            ic = R._broadcast_index(cond.shape, var.shape)[elem]
+            opt = self.chosen.get((ci, ("e", int(ic))))
+            if opt is not None:
+                value = bool(opt.data)
+            else:
+                value = bool(np.asarray(self.P.be.asnumpy(self._values()[cond.id])).reshape(-1)[ic])
+        if value is None:
+            return self._atom(var, elem)
+        torch_where = node.prim.startswith("aten.where")
+        pos = (1 if value else 2) if torch_where else (2 if value else 1)
+        src = node.inputs[pos]
+        if not isinstance(src, Var):
+            return {}
+        return self.form(src, int(R._broadcast_index(src.shape, var.shape)[elem]))
 
     def _unary_slope(self, ni, node, elem):
         for (n, key), opt in self.chosen.items():
@@ -173,6 +234,14 @@ class Canonicalizer:
         return res
 
 
+def tag_for(node) -> str:
+    return "piece" if node.rule is not None else "n"
+
+
+def _freeze(form: dict) -> tuple:
+    return tuple(sorted((str(k), round(v, 15)) for k, v in form.items() if v != 0.0))
+
+
 def _scale(form: dict, c: float) -> dict:
     return {k: c * v for k, v in form.items()} if c else {}
 
@@ -192,40 +261,79 @@ def condition_form(canon: Canonicalizer, P, meta) -> dict:
     return out
 
 
-def dependencies_are_identities(P, rows: list, metas: list, choices) -> tuple[bool, str]:
-    """Whether every linear dependency among the rows is an identity among the kink
-    arguments (their nonlinear atoms cancel).  Rows from piecewise-affine arguments are
-    always fine; so are linearly independent rows (a linear-independence kink
-    qualification, LIKQ)."""
+def _is_square(atom) -> bool:
+    """An atom that is a square (``z * z``, ``z ** 2``, ``square(z)``, any even integer power)."""
+    if atom[0] != "s":
+        return False
+    prim, _params, consts, parts, _ = atom[1]
+    name = prim.split(".")[-2] if prim.startswith("aten.") else prim
+    if name == "mul" and len(parts) == 2 and parts[0] == parts[1] and parts[0][0] == "v":
+        return True
+    if name == "square":
+        return True
+    if name == "pow" and any(c in ("2", "2.0", "4", "4.0", "6", "6.0") for c in consts):
+        return True
+    if name == "integer_pow":
+        return any("('y', '2')" in c or "('y', '4')" in c or "('y', '6')" in c for c in consts)
+    return False
+
+
+def farkas_identity(P, rows: list, metas: list, choices) -> bool:
+    """Whether some ``lam >= 0`` (not all zero) makes ``sum lam_c g_c`` identically zero, or
+    a nonpositive sum of squares, near x: then the conditions ``g_c > 0`` cannot all hold,
+    whatever the first-order picture says.  Checked on the linear forms over atoms (an LP)."""
+    from scipy.optimize import linprog
+
     if not rows:
-        return True, ""
+        return False
     Rm = np.asarray(rows, dtype=np.float64)
-    Rm = Rm / np.linalg.norm(Rm, axis=1, keepdims=True)
-    u, s, vt = np.linalg.svd(Rm.T, full_matrices=True)
-    tol = max(Rm.shape) * np.finfo(np.float64).eps * (s[0] if len(s) else 1.0) * 64
-    rank = int(np.sum(s > tol))
-    if rank == Rm.shape[0]:
-        return True, "independent"
-    N = vt[rank:].T  # (m, q): left null space of the rows
-    nonaffine = [i for i, m in enumerate(metas) if not m.affine]
-    if not nonaffine:
-        return True, "affine"
-    if np.max(np.abs(N[nonaffine, :])) <= 1e-9:
-        return True, "affine"  # the dependencies involve affine arguments only
+    m = Rm.shape[0]
     canon = Canonicalizer(P, choices)
-    forms = [condition_form(canon, P, m) for m in metas]
+    forms = [condition_form(canon, P, meta) for meta in metas]
     atoms = sorted({a for f in forms for a in f if a[0] != "x"}, key=str)
-    if not atoms:
-        return True, "identity"
-    C = np.zeros((len(forms), len(atoms)))
     index = {a: j for j, a in enumerate(atoms)}
+    C = np.zeros((m, len(atoms)))
     for i, f in enumerate(forms):
         for a, v in f.items():
             if a[0] != "x":
                 C[i, index[a]] = v
-    C = C / np.linalg.norm(np.asarray(rows), axis=1, keepdims=True)  # rows were normalized
-    scale = float(np.max(np.abs(C))) or 1.0
-    resid = np.abs(N.T @ C)
-    if float(np.max(resid)) <= 1e-9 * scale:
+    square = np.array([_is_square(a) for a in atoms], dtype=bool)
+    # rows are gradients: normalise each condition (row and atoms together) for the LP
+    norm = np.maximum(np.maximum(np.abs(Rm).max(axis=1), np.abs(C).max(axis=1) if C.size else 0.0), 1e-300)
+    Rn, Cn = Rm / norm[:, None], C / norm[:, None]
+    A_eq = np.vstack([Rn.T, Cn[:, ~square].T, np.ones((1, m))])
+    b_eq = np.r_[np.zeros(Rn.shape[1] + int((~square).sum())), 1.0]
+    A_ub = Cn[:, square].T if square.any() else None
+    b_ub = np.zeros(int(square.sum())) if square.any() else None
+    res = linprog(np.zeros(m), A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * m, method="highs")
+    if res.status != 0:
+        return False
+    lam = res.x
+    # the LP is feasible up to its tolerances: accept only a combination that cancels well
+    resid = np.abs(Rn.T @ lam).max() if Rn.size else 0.0
+    resid = max(resid, np.abs(Cn[:, ~square].T @ lam).max() if (~square).any() else 0.0)
+    return bool(resid <= 1e-9)
+
+
+def pruning_is_exact(P, rows: list, metas: list, choices) -> tuple[bool, str]:
+    """Whether a first-order infeasible partial pattern is truly empty near x: its affine
+    conditions alone are infeasible (their cone is the region), or a nonnegative
+    combination of its conditions is an identity (:func:`farkas_identity`)."""
+    from scipy.optimize import linprog
+
+    if not rows:
+        return True, "affine"
+    Rm = np.asarray(rows, dtype=np.float64)
+    Rm = Rm / np.linalg.norm(Rm, axis=1, keepdims=True)
+    affine = np.array([m.affine for m in metas], dtype=bool)
+    if affine.all():
+        return True, "affine"
+    if affine.any():
+        Ra = Rm[affine]
+        res = linprog(np.zeros(len(Ra)), A_eq=np.vstack([Ra.T, np.ones((1, len(Ra)))]),
+                      b_eq=np.r_[np.zeros(Ra.shape[1]), 1.0], bounds=[(0, None)] * len(Ra), method="highs")
+        if res.status == 0 and np.abs(Ra.T @ res.x).max() <= 1e-9:
+            return True, "affine"
+    if farkas_identity(P, rows, metas, choices):
         return True, "identity"
     return False, "dependent"

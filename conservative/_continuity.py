@@ -7,8 +7,8 @@ values involved can explain mean f jumps; within rounding they are the same limi
 Contract: the rounding budget is ``R = ulp(M) * (1 + D)``, with ``M`` the largest magnitude
 of any float value the program computes at x and ``D`` the number of float nodes (each
 rounds once, by at most half an ulp of a value no larger than M, and the engine's own
-float64 evaluation is the framework's).  Limits that differ by at most ``16 R`` are
-*continuous within rounding*; more than ``256 R`` a *jump*; in between the engine does
+float64 evaluation is the framework's).  Limits that differ by at most ``2 R`` are
+*continuous within rounding*; more than ``16 R`` a *jump*; in between the engine does
 not decide (``"unsure"``).  A jump of 1e-6 at values near 1e4 (5e5 ulps) is a jump.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from ._lp import strictly_feasible
 
 __all__ = ["branch_limits", "nonlipschitz_evidence", "rounding_budget"]
 
-CONTINUOUS_ULPS = 16.0
-JUMP_ULPS = 256.0
+CONTINUOUS_ULPS = 2.0
+JUMP_ULPS = 16.0
 
 
 def rounding_budget(P) -> float:

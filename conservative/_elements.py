@@ -196,9 +196,12 @@ def analyse(P, *, exact_budget: int, n_directions: int, seed: int, need_enum: Ca
     while len(mats) < n_mats:
         M = rng.standard_normal((n, n))
         mats += [M, -M]
+    fresh = []  # per matrix: did it give an element not seen before?
     for idx, M in enumerate(mats[:n_mats]):
         if idx >= 8 and idx % 8 == 0 and settled():
             break
+        if idx >= 16 and not any(fresh[-8:]):
+            break  # the last eight direction matrices found nothing new: saturated
         leaf = P.run(F.LexPolicy(), M)[0]
         try:
             Minv = np.linalg.inv(M)
@@ -210,8 +213,11 @@ def analyse(P, *, exact_budget: int, n_directions: int, seed: int, need_enum: Ca
         J = np.where(near, np.round(J), J)
         leaves_for_continuity.append(leaf)
         if pc1 and leaf.certified and np.all(np.isfinite(J)):
+            fresh.append(len(distinct(b_elems + [J])) > len(distinct(b_elems)))
             b_elems.append(J)
             b_src.append("LD")
+        else:
+            fresh.append(False)
 
     # 4. More kinks: enumerate only if the elements found do not already settle AD.
     if eligible and not enumerated:

@@ -638,26 +638,37 @@ class Interpreter:
             out_t.append(None if t is None or not o.is_float or k == 0 else self.be.asarray(np.asarray(t).reshape((k, *o.shape))))
         return out_v, out_t
 
-    def _select_apply(self, node, ctx, chosen, in_vals, in_tans):
+    def select_plan(self, node, ctx, chosen, in_vals):
+        """How each output of a selection with the given tie orders is made: ("take", input
+        position, flat positions) for values copied from an input, ("const", array) else."""
         x = ctx["x"]
         order = ctx["order0"]
         for site, opt in chosen:
             if opt.data is not None:
                 order = R.reorder(order, site.members, opt.data)
         outs = self._select_outcome(node, in_vals, x, order)
-        k = self._k
         srcs = []
         for j, v in enumerate(node.inputs):
             if j == 0 or (isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(x.shape)):
                 srcs.append(j)
-        vals, tans = [], []
+        plan = []
         for oi, (o, r) in enumerate(zip(node.outputs, outs)):
             if not o.is_float:
-                vals.append(r)
-                tans.append(None)
+                plan.append(("const", r))
                 continue
             src = srcs[oi] if (len(srcs) > 1 and oi < len(srcs)) else 0
-            pos = np.asarray(r).reshape(-1).astype(np.int64)
+            plan.append(("take", src, np.asarray(r).reshape(-1).astype(np.int64)))
+        return plan
+
+    def _select_apply(self, node, ctx, chosen, in_vals, in_tans):
+        k = self._k
+        vals, tans = [], []
+        for item in self.select_plan(node, ctx, chosen, in_vals):
+            if item[0] == "const":
+                vals.append(item[1])
+                tans.append(None)
+                continue
+            _, src, pos = item
             xv = np.asarray(self.be.asnumpy(in_vals[src]), dtype=np.float64).reshape(-1)
             vals.append(xv[pos])
             t = in_tans[src]

@@ -3,22 +3,27 @@
 For a full pattern (one option per active site) the program near x coincides, on that
 pattern's region, with the *frozen* program: each active site replaced by the smooth
 piece its option names (relu's right branch by the identity, max's tie by the operand
-it picks, elu's left branch by its exponential piece up to second order).  The frozen
-program is built from the framework's own primitives, so the framework's autodiff gives
-the Jacobian and the Hessians of every kink argument along the pattern, which the
-second-order analysis needs.
+it picks, a comparison by the boolean it gives, a tie of a sort by the order it gives,
+elu's left branch by its exponential piece up to second order).  The frozen program is
+built from the framework's own primitives, so the framework's autodiff gives the
+Jacobian and the Hessians of every kink argument along the pattern, which the
+second-order analysis needs.  The pattern enters as arrays (slopes, masks, positions),
+so jax compiles the derivatives once per program, not once per pattern.
 
-Contract: ``frozen_conditions`` returns ``None`` (with a reason) for sites it cannot
-freeze (tie orders of sorts, norms, jumps and comparisons); otherwise the function it
-returns evaluates the pattern's kink arguments exactly up to second order at x.
+Contract: :class:`FrozenProgram` raises :class:`NotFrozen` for sites it cannot freeze
+(norms, jumps); otherwise ``jacobian_hessian(pattern)`` returns the derivatives, exact up
+to second order at x, of the values every site's conditions are made of (``atoms``).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ._ir import Lit, Var
-from ._rules import RULES, evaluate
-from . import _rule_impls as R
+from ._rules import RULES
+
+
+class NotFrozen(Exception):
+    pass
 
 
 def _curvatures(rule, params, ki):
@@ -39,7 +44,7 @@ def _curvatures(rule, params, ki):
 
 
 def base_values(P) -> dict:
-    """Every variable's float64 value at x (NumPy), through the framework's program."""
+    """Every variable's float64 value at x (framework arrays), through the framework's program."""
     cached = getattr(P, "_base_values", None)
     if cached is not None:
         return cached
@@ -55,90 +60,197 @@ def base_values(P) -> dict:
     return vals
 
 
-def frozen_conditions(P, pattern: dict, conds: list):
-    """``(fn, None)`` with ``fn(x_flat) -> [g_c(x)]`` for the conditions ``conds``
-    (``(node index, ((pos, elem, coef), ...))``), or ``(None, reason)``."""
-    g, be = P.graph, P.be
-    vals0 = base_values(P)
-    overrides = {}
-    for (ni, key), opt in pattern.items():
-        site_node = g.nodes[ni]
-        rule = RULES[site_node.rule]
-        overrides.setdefault(ni, []).append((key, opt))
-    plans = {}
-    for ni, items in overrides.items():
-        node = g.nodes[ni]
-        rule = RULES[node.rule]
-        out_shape = node.outputs[0].shape
-        size = int(np.prod(out_shape)) if len(out_shape) else 1
-        if rule.impl == "unary":
-            u0 = np.asarray(be.asnumpy(vals0[node.inputs[0].id]), dtype=np.float64).reshape(-1)
-            v0 = np.asarray(be.asnumpy(vals0[node.outputs[0].id]), dtype=np.float64).reshape(-1)
-            mask = np.zeros(size, dtype=bool)
-            slope, curv = np.zeros(size), np.zeros(size)
-            for key, opt in items:
-                if key[0] != "e" or opt.data is None or opt.data[1] is not None:
-                    return None, f"{node.describe()}: a jump cannot be frozen"
-                e, ki = key[1], key[2] if len(key) > 2 else 0
-                c = _curvatures(rule, node.params, ki)
-                if c is None:
-                    return None, f"{rule.name}: the curvature of its pieces is unknown"
-                mask[e] = True
-                slope[e] = float(opt.data[0])
-                curv[e] = c[0] if opt.label == "left" else c[1]
-            plans[ni] = ("unary", mask.reshape(out_shape), u0.reshape(out_shape), v0.reshape(out_shape),
-                         slope.reshape(out_shape), curv.reshape(out_shape))
-        elif rule.impl == "pick":
-            pick_a = np.zeros(size, dtype=bool)
-            pick_b = np.zeros(size, dtype=bool)
-            for key, opt in items:
-                if not isinstance(opt.data, int):
-                    return None, f"{node.describe()}: only a vertex choice can be frozen"
-                (pick_a if opt.data == 0 else pick_b)[key[1]] = True
-            plans[ni] = ("pick", pick_a.reshape(out_shape), pick_b.reshape(out_shape))
-        else:
-            return None, f"{rule.name} ({rule.impl}) sites are not frozen by the second-order analysis"
-    by_node: dict = {}
-    for j, (ni, cond) in enumerate(conds):
-        by_node.setdefault(ni, []).append((j, cond))
-    sizes = [int(np.prod(x.shape)) if len(x.shape) else 1 for x in P.xs64]
-    consts = {cid: be.const(c) for cid, c in g.consts.items()}
+def _np(be, v):
+    return np.asarray(be.asnumpy(v), dtype=np.float64)
 
-    def fn(xflat):
-        vals = dict(consts)
-        o = 0
-        for v, s in zip(g.inputs, sizes):
-            vals[v.id] = xflat[o : o + s].reshape(tuple(v.shape))
-            o += s
-        got = [None] * len(conds)
-        for i, node in enumerate(g.nodes):
-            ins = [vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
-            for j, cond in by_node.get(i, ()):
-                acc = None
+
+class FrozenProgram:
+    """The program of ``P`` with the given active ``sites`` frozen by a pattern."""
+
+    def __init__(self, P, sites: list):
+        self.P = P
+        g, be = P.graph, P.be
+        vals0 = base_values(P)
+        self.sites = sites
+        self.by_node: dict = {}
+        for s in sites:
+            self.by_node.setdefault(s.node, []).append(s)
+        self.atoms = sorted({(s.node, pos, int(e)) for s in sites for o in s.options for c in o.conds for pos, e, _ in c})
+        self.atom_index = {a: j for j, a in enumerate(self.atoms)}
+        self.static: dict = {}
+        self.ctx: dict = {}
+        for ni, ss in self.by_node.items():
+            node = g.nodes[ni]
+            rule = RULES[node.rule]
+            shape = node.outputs[0].shape
+            size = int(np.prod(shape)) if len(shape) else 1
+            if rule.impl == "unary":
+                for s in ss:
+                    if s.kind != "kink":
+                        raise NotFrozen(f"{node.describe()}: a {s.kind} cannot be frozen")
+                    ki = s.key[2] if len(s.key) > 2 else 0
+                    if _curvatures(rule, node.params, ki) is None:
+                        raise NotFrozen(f"{rule.name}: the curvature of its pieces is unknown")
+                mask = np.zeros(size, dtype=bool)
+                mask[[s.key[1] for s in ss]] = True
+                self.static[ni] = ("unary", mask.reshape(shape), _np(be, vals0[node.inputs[0].id]).reshape(shape),
+                                   _np(be, vals0[node.outputs[0].id]).reshape(shape))
+            elif rule.impl == "pick":
+                mask = np.zeros(size, dtype=bool)
+                mask[[s.key[1] for s in ss]] = True
+                self.static[ni] = ("pick", mask.reshape(shape))
+            elif rule.impl == "compare":
+                mask = np.zeros(size, dtype=bool)
+                mask[[s.key[1] for s in ss]] = True
+                self.static[ni] = ("compare", mask.reshape(shape))
+            elif rule.impl == "select":
+                in_vals0 = [vals0[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None)
+                            for v in node.inputs]
+                read, shadow = P.interp._np_inputs(ni, node, in_vals0)
+                alt = None if shadow is None else shadow[0]
+                found, ctx = P.interp._select_sites(ni, node, rule, in_vals0, read(0), alt)
+                keys = {s.key for s in found}
+                if any(s.key not in keys for s in ss):
+                    raise NotFrozen(f"{node.describe()}: a tie the enumeration saw is not a tie here")
+                self.ctx[ni] = (ctx, in_vals0, {s.key: s for s in found})
+                self.static[ni] = ("select",)
+            else:
+                raise NotFrozen(f"{rule.name} ({rule.impl}) sites are not frozen by the second-order analysis")
+        self._jh = None
+
+    # ------------------------------------------------------------------ pattern -> arrays
+
+    def arrays(self, pattern: dict) -> list:
+        """The pattern as a fixed-layout list of NumPy arrays (the frozen program's extra arguments)."""
+        g = self.P.graph
+        out = []
+        for ni in sorted(self.by_node):
+            node = g.nodes[ni]
+            kind = self.static[ni][0]
+            shape = node.outputs[0].shape
+            size = int(np.prod(shape)) if len(shape) else 1
+            ss = self.by_node[ni]
+            if kind == "unary":
+                rule = RULES[node.rule]
+                slope, curv = np.zeros(size), np.zeros(size)
+                for s in ss:
+                    opt = pattern[(s.node, s.key)]
+                    ki = s.key[2] if len(s.key) > 2 else 0
+                    c = _curvatures(rule, node.params, ki)
+                    slope[s.key[1]] = float(opt.data[0])
+                    curv[s.key[1]] = c[0] if opt.label == "left" else c[1]
+                out += [slope.reshape(shape), curv.reshape(shape)]
+            elif kind == "pick":
+                pa = np.zeros(size)
+                for s in ss:
+                    pa[s.key[1]] = 1.0 if pattern[(s.node, s.key)].data == 0 else 0.0
+                out.append(pa.reshape(shape))
+            elif kind == "compare":
+                val = np.zeros(size)
+                for s in ss:
+                    val[s.key[1]] = 1.0 if pattern[(s.node, s.key)].data else 0.0
+                out.append(val.reshape(shape))
+            else:
+                ctx, in_vals0, found = self.ctx[ni]
+                chosen = [(found[s.key], pattern[(s.node, s.key)]) for s in ss]
+                for item in self.P.interp.select_plan(node, ctx, chosen, in_vals0):
+                    out.append(np.asarray(item[1] if item[0] == "const" else item[2]))
+        return out
+
+    # ------------------------------------------------------------------ the frozen program
+
+    def function(self):
+        P = self.P
+        g, be = P.graph, P.be
+        sizes = [int(np.prod(x.shape)) if len(x.shape) else 1 for x in P.xs64]
+        consts = {cid: be.const(c) for cid, c in g.consts.items()}
+        atoms_by_node: dict = {}
+        for j, (ni, pos, e) in enumerate(self.atoms):
+            atoms_by_node.setdefault(ni, []).append((j, pos, e))
+        order = sorted(self.by_node)
+        static = self.static
+        n_atoms = len(self.atoms)
+
+        def fn(xflat, *arrs):
+            vals = dict(consts)
+            o = 0
+            for v, s in zip(g.inputs, sizes):
+                vals[v.id] = xflat[o : o + s].reshape(tuple(v.shape))
+                o += s
+            got = [None] * n_atoms
+            a = 0
+            for i, node in enumerate(g.nodes):
+                ins = [vals[v.id] if isinstance(v, Var) else (v.value if isinstance(v, Lit) else None) for v in node.inputs]
+                for j, pos, e in atoms_by_node.get(i, ()):
+                    # a Python scalar operand (torch ge.Scalar's ``other``) is not an input
+                    operand = ins[pos] if pos < len(ins) else float(node.params.get("other"))
+                    got[j] = be.flat(_as(be, operand))[e]
+                outs = list(be.eval(node, ins))
+                if i in static:
+                    plan = static[i]
+                    if plan[0] == "unary":
+                        _, mask, u0, v0 = plan
+                        slope, curv = arrs[a], arrs[a + 1]
+                        a += 2
+                        du = ins[0] - be.asarray(u0)
+                        piece = be.asarray(v0) + slope * du + 0.5 * curv * du * du
+                        outs[0] = be.where(mask, piece, outs[0])
+                    elif plan[0] == "pick":
+                        pa = arrs[a]
+                        a += 1
+                        shape = node.outputs[0].shape
+                        x0 = be.broadcast(_as(be, ins[0]), shape)
+                        x1 = be.broadcast(_as(be, ins[1]), shape)
+                        outs[0] = be.where(plan[1], pa * x0 + (1.0 - pa) * x1, outs[0])
+                    elif plan[0] == "compare":
+                        val = arrs[a]
+                        a += 1
+                        outs[0] = be.where(plan[1], val > 0.5, outs[0])
+                    else:
+                        ctx, in_vals0, _ = self.ctx[i]
+                        for oi, ov in enumerate(node.outputs):
+                            item = arrs[a]
+                            a += 1
+                            if ov.is_float:
+                                src = _select_source(node, oi, ctx["x"].shape)
+                                outs[oi] = be.take(_as(be, ins[src]), item).reshape(tuple(ov.shape))
+                            else:
+                                outs[oi] = item.reshape(tuple(ov.shape))
+                for ov, val in zip(node.outputs, outs):
+                    vals[ov.id] = val
+            return be.concat([c.reshape(1) for c in got])
+
+        return fn
+
+    def jacobian_hessian(self, pattern: dict):
+        """(J, H): derivatives of the atoms at x, shapes (A, n) and (A, n, n)."""
+        if self._jh is None:
+            self._jh = self.P.be.compile_jacobian_hessian(self.function())
+        return self._jh(self.P.x_flat(), self.arrays(pattern))
+
+    def conditions(self, pattern: dict):
+        """Rows and Hessians of the pattern's conditions ``sum(coef * atom) > 0``."""
+        J, H = self.jacobian_hessian(pattern)
+        rows, hess = [], []
+        for s in self.sites:
+            opt = pattern[(s.node, s.key)]
+            for cond in opt.conds:
+                r = np.zeros(J.shape[1])
+                h = np.zeros(H.shape[1:])
                 for pos, e, coef in cond:
-                    term = be.flat(_as(be, ins[pos]))[int(e)] * float(coef)
-                    acc = term if acc is None else acc + term
-                got[j] = acc
-            outs = be.eval(node, ins)
-            plan = plans.get(i)
-            if plan is not None:
-                outs = list(outs)
-                if plan[0] == "unary":
-                    _, mask, u0, v0, slope, curv = plan
-                    du = ins[0] - be.asarray(u0)
-                    piece = be.asarray(v0) + be.asarray(slope) * du + 0.5 * be.asarray(curv) * du * du
-                    outs[0] = be.where(mask, piece, outs[0])
-                else:
-                    _, pa, pb = plan
-                    shape = node.outputs[0].shape
-                    a = be.broadcast(_as(be, ins[0]), shape)
-                    b = be.broadcast(_as(be, ins[1]), shape)
-                    outs[0] = be.where(pa, a, be.where(pb, b, outs[0]))
-            for ov, val in zip(node.outputs, outs):
-                vals[ov.id] = val
-        return be.concat([c.reshape(1) for c in got])
+                    j = self.atom_index[(s.node, pos, int(e))]
+                    r = r + coef * J[j]
+                    h = h + coef * H[j]
+                rows.append(r)
+                hess.append(h)
+        n = J.shape[1]
+        return (np.asarray(rows).reshape(-1, n), np.asarray(hess).reshape(-1, n, n))
 
-    return fn, None
+
+def _select_source(node, oi, shape) -> int:
+    srcs = [j for j, v in enumerate(node.inputs)
+            if j == 0 or (isinstance(v, Var) and v.is_float and tuple(v.shape) == tuple(shape))]
+    return srcs[oi] if (len(srcs) > 1 and oi < len(srcs)) else 0
 
 
 def _as(be, v):

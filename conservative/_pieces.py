@@ -15,13 +15,16 @@ region (:mod:`._second_order`).  Its gradient is therefore a B-subdifferential e
 
 1. every first-order pruning is exact, because the rows involved are
    (a) from piecewise-affine kink arguments (then the cone *is* the region near x), or
-   (b) linearly independent (a linear-independence kink qualification, LIKQ: the region
-   is diffeomorphic to an orthant), or (c) dependent only through identities among the
-   arguments (``relu(g)`` and ``relu(-g)``; checked symbolically by :mod:`._canonical`);
-   and no pruning follows a kink whose non-affine argument has a zero gradient; or
+   (b) dependent through an identity among the arguments: a nonnegative combination of
+   them is identically zero, or a nonpositive sum of squares (``relu(g)`` and
+   ``relu(-g)``, ``-(u*u) > 0``; checked on linear forms over atoms by :mod:`._canonical`).
+   Linearly independent rows (a linear-independence kink qualification, LIKQ) never
+   prune, since their cone is never empty.  And no pruning follows a kink whose
+   non-affine argument has a zero gradient; or
 2. every pattern that (1) cannot settle is decided at second order (a witness arc or a
-   Farkas/negative-curvature emptiness certificate) — only for unary kinks and binary
-   ties, at most ``MAX_SECOND_ORDER_PATTERNS`` patterns.
+   Farkas/negative-curvature emptiness certificate) — for unary kinks, ties of binary
+   max/min, comparisons and tie orders of selections; at most
+   ``MAX_SECOND_ORDER_PATTERNS`` patterns and ``MAX_SECOND_ORDER_INPUTS`` inputs.
 
 Otherwise the set is what was *found so far* (``exact=False``) and the reason says which
 condition failed, e.g. kink arguments that agree to first order but not to second, whose
@@ -38,8 +41,8 @@ import itertools
 import numpy as np
 
 from . import _forward as F
-from ._canonical import dependencies_are_identities
-from ._frozen import frozen_conditions
+from ._canonical import farkas_identity, pruning_is_exact
+from ._frozen import FrozenProgram, NotFrozen
 from ._second_order import decide
 
 MAX_PIECES = 4096  # leaves of the exact enumeration before it gives up
@@ -78,7 +81,7 @@ def enumerate_pieces(P, *, budget: int, seed: int = 0) -> PieceSet:
             uncertain.append(pr)
             kinds.add("degenerate")
             continue
-        ok, why = dependencies_are_identities(P, pr.conds, pr.meta, pr.choices)
+        ok, why = pruning_is_exact(P, pr.conds, pr.meta, pr.choices)
         kinds.add(why)
         if not ok:
             uncertain.append(pr)
@@ -112,8 +115,8 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
     if P.n_in > MAX_SECOND_ORDER_INPUTS:
         return [], False, f"the second-order analysis is limited to {MAX_SECOND_ORDER_INPUTS} inputs"
     order = sorted(sites.values(), key=lambda s: (s.node, str(s.key)))
-    if any(s.discrete or s.kind not in ("kink", "tie") for s in order):
-        bad = next(s for s in order if s.discrete or s.kind not in ("kink", "tie"))
+    if any(s.kind not in ("kink", "tie", "group", "compare") or not s.complete for s in order):
+        bad = next(s for s in order if s.kind not in ("kink", "tie", "group", "compare") or not s.complete)
         return [], False, f"the second-order analysis does not handle {bad.kind} sites ({bad.text})"
     n_patterns = int(np.prod([len(s.options) for s in order], dtype=float))
     if n_patterns > MAX_SECOND_ORDER_PATTERNS:
@@ -123,6 +126,10 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
     # order has that piece's gradient: nothing to decide
     found = [{_site_id(s): o.label for s, o in lf.choices if _site_id(s) not in collapsed} for lf in leaves]
     exact_prunes = [{_site_id(s): o.label for s, o in pr.choices} for pr in pruned if not any(pr is u for u in uncertain)]
+    try:
+        frozen = FrozenProgram(P, order)
+    except NotFrozen as e:
+        return [], False, str(e)
     extra, undecided = [], 0
     for combo in itertools.product(*[range(len(s.options)) for s in order]):
         pat = {_site_id(s): s.options[c].label for s, c in zip(order, combo)}
@@ -131,15 +138,13 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
         if any(all(pat.get(k) == v for k, v in p.items()) for p in exact_prunes):
             continue
         pattern = {_site_id(s): s.options[c] for s, c in zip(order, combo)}
-        conds = [(s.node, tuple(cond)) for s, c in zip(order, combo) for cond in s.options[c].conds]
-        fn, why = frozen_conditions(P, pattern, conds)
-        if fn is None:
-            return extra, False, why
         try:
-            rows, hess = P.be.jacobian_hessian(fn, P.x_flat())
+            rows, hess = frozen.conditions(pattern)
         except Exception as e:  # a primitive without second derivatives in the framework
             return extra, False, f"the framework could not differentiate the frozen program twice ({type(e).__name__})"
-        verdict = decide(rows.reshape(len(conds), -1), hess.reshape(len(conds), P.n_in, P.n_in), seed=seed)
+        if _identity_empty(P, order, pattern, rows):
+            continue
+        verdict = decide(rows, hess, seed=seed)
         if verdict == "active":
             leaf = P.run(F.AssignPolicy(_assign_from(pattern)))[0]
             extra.append(leaf.jac)
@@ -149,6 +154,16 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
         return extra, False, (f"{undecided} sign pattern(s) stay undecided at second order (their regions, if any, "
                               "are thinner than x**2)")
     return extra, True, ""
+
+
+def _identity_empty(P, order, pattern, rows) -> bool:
+    """Whether a nonnegative combination of the pattern's conditions is identically zero (or
+    a nonpositive sum of squares): then they cannot all be positive anywhere."""
+    from ._forward import CondMeta
+
+    choices = tuple((s, pattern[_site_id(s)]) for s in order)
+    metas = [CondMeta(s.node, tuple(cond), False, choices) for s in order for cond in pattern[_site_id(s)].conds]
+    return farkas_identity(P, list(rows), metas, choices)
 
 
 def _assign_from(pattern: dict):

@@ -333,10 +333,24 @@ class Backend:
         with _x64():
             return self._call(node, vals)
 
+    JIT_AFTER = 3  # calls of the same node's tangent rule before it is compiled
+
     def jvp(self, node: Node, vals, tans) -> list:
         idx = [i for i, t in enumerate(tans) if t is not None]
         if not idx:
             return [None] * len(node.outputs)
+        arrays = [i for i, v in enumerate(vals) if isinstance(v, (jax.Array, np.ndarray))]
+        key = (id(node), tuple(idx), tuple(arrays), tuple(tuple(tans[i].shape) for i in idx))
+        counts = self.__dict__.setdefault("_jvp_counts", {})
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > self.JIT_AFTER:
+            compiled = self.__dict__.setdefault("_jvp_jit", {})
+            fn = compiled.get(key)
+            if fn is None:
+                fn = compiled[key] = self._compiled_jvp(node, vals, idx, arrays)
+            with _x64():
+                out = fn([_v64(vals[i]) for i in arrays], [tans[i] for i in idx])
+            return [o if v.is_float else None for o, v in zip(out, node.outputs)]
         with _x64():
             prim = [_v64(vals[i]) for i in idx]
 
@@ -352,6 +366,30 @@ class Backend:
 
             out = jax.vmap(one)(*[tans[i] for i in idx])
         return [o if v.is_float else None for o, v in zip(out, node.outputs)]
+
+    def _compiled_jvp(self, node, vals, idx, arrays):
+        """The batched tangent rule of one node, compiled once (many runs reuse it)."""
+        static = {i: v for i, v in enumerate(vals) if i not in arrays}
+        n = len(vals)
+
+        def batched(arrs, ts):
+            v = [None] * n
+            for i, a in static.items():
+                v[i] = a
+            for i, a in zip(arrays, arrs):
+                v[i] = a
+
+            def fn(*d):
+                w = list(v)
+                for i, x in zip(idx, d):
+                    w[i] = x
+                outs = self._call(node, w)
+                return tuple(o if jnp.issubdtype(o.dtype, jnp.floating) else jnp.zeros(()) for o in outs)
+
+            prim = [v[i] for i in idx]
+            return jax.vmap(lambda *t: jax.jvp(fn, tuple(prim), tuple(t))[1])(*ts)
+
+        return jax.jit(batched)
 
     def is_linear(self, node: Node, live: list) -> bool:
         name = node.prim
@@ -386,17 +424,27 @@ class Backend:
     def flat(self, a):
         return jnp.ravel(a)
 
+    def take(self, a, positions: np.ndarray):
+        if isinstance(positions, np.ndarray):
+            positions = np.asarray(positions, dtype=np.int64)
+        return jnp.ravel(a)[positions]
+
     def concat(self, parts):
         with _x64():
             return jnp.concatenate([jnp.ravel(p) for p in parts])
 
-    def jacobian_hessian(self, fn, x0: np.ndarray):
-        """Jacobian (m, n) and Hessians (m, n, n) of ``fn`` (flat float64 -> flat) at ``x0``."""
+    def compile_jacobian_hessian(self, fn):
+        """``(x0, arrays) -> (J (m, n), H (m, n, n))`` of ``fn(x_flat, *arrays)`` in x at x0,
+        compiled once: the pattern arrays change between calls, their shapes do not."""
         with _x64():
-            x = jnp.asarray(np.asarray(x0, dtype=np.float64))
-            J = jax.jacrev(fn)(x)
-            H = jax.jacfwd(jax.jacrev(fn))(x)
-            return np.asarray(J, dtype=np.float64), np.asarray(H, dtype=np.float64)
+            jitted = jax.jit(lambda x, *a: (jax.jacrev(fn)(x, *a), jax.jacfwd(jax.jacrev(fn))(x, *a)))
+
+        def jh(x0, arrays):
+            with _x64():
+                J, H = jitted(jnp.asarray(np.asarray(x0, dtype=np.float64)), *[jnp.asarray(a) for a in arrays])
+                return np.asarray(J, dtype=np.float64), np.asarray(H, dtype=np.float64)
+
+        return jh
 
     def asnumpy(self, v) -> np.ndarray:
         return np.asarray(v)

@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ._ir import Graph, Lit, Node, Var
 from ._rules import RULES, rule_for_torch_op
+from ._torch_tangents import fast_jvp
 
 FRAMEWORK = "torch"
 
@@ -408,10 +409,29 @@ class Backend:
         out = self._call(node, vals)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
+    def _args(self, node: Node, vals):
+        op, flat, spec, slots = node.payload
+        key = id(node)
+        base = self._flat64.get(key)
+        if base is None:
+            base = self._flat64[key] = [_to64(a) for a in flat]
+        flat = list(base)
+        for s, v in zip(slots, vals):
+            flat[s] = v
+        return pytree.tree_unflatten(flat, spec)
+
     def jvp(self, node: Node, vals, tans) -> list:
         idx = [i for i, t in enumerate(tans) if t is not None]
         if not idx:
             return [None] * len(node.outputs)
+        if hasattr(node.payload[0], "_schema") and all(isinstance(v, torch.Tensor) for v in vals):
+            args, kwargs = self._args(node, vals)
+            try:
+                fast = fast_jvp(node, args, kwargs, vals, tans, lambda v: self._call(node, v))
+            except Exception:  # an unusual overload: let functorch handle it
+                fast = None
+            if fast is not None:
+                return fast
         prim = [vals[i] for i in idx]
 
         def f(*d):
@@ -457,8 +477,10 @@ class Backend:
 
     # --- helpers for frozen-branch programs (second-order analysis)
 
-    def where(self, mask: np.ndarray, a, b):
-        return torch.where(torch.from_numpy(np.ascontiguousarray(mask)), a, b)
+    def where(self, mask, a, b):
+        if isinstance(mask, np.ndarray):
+            mask = torch.from_numpy(np.array(mask))  # np.ascontiguousarray would make 0-d masks 1-d
+        return torch.where(mask, a, b)
 
     def broadcast(self, a, shape):
         return torch.broadcast_to(a, tuple(shape))
@@ -466,15 +488,28 @@ class Backend:
     def flat(self, a):
         return a.reshape(-1)
 
+    def take(self, a, positions):
+        if isinstance(positions, np.ndarray):
+            positions = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+        return a.reshape(-1)[positions]
+
     def concat(self, parts):
         return torch.cat([p.reshape(-1) for p in parts])
 
-    def jacobian_hessian(self, fn, x0: np.ndarray):
-        """Jacobian (m, n) and Hessians (m, n, n) of ``fn`` (flat float64 -> flat) at ``x0``."""
-        x = torch.from_numpy(np.array(x0, dtype=np.float64))
-        J = torch.func.jacrev(fn)(x)
-        H = torch.func.jacfwd(torch.func.jacrev(fn))(x)
-        return J.detach().numpy(), H.detach().numpy()
+    def compile_jacobian_hessian(self, fn):
+        """``(x0, arrays) -> (J (m, n), H (m, n, n))`` of ``fn(x_flat, *arrays)`` in x at x0."""
+        def jh(x0, arrays):
+            x = torch.from_numpy(np.array(x0, dtype=np.float64))
+            arrs = [torch.from_numpy(np.array(a)) for a in arrays]
+
+            def g(z):
+                return fn(z, *arrs)
+
+            J = torch.func.jacrev(g)(x)
+            H = torch.func.jacfwd(torch.func.jacrev(g))(x)
+            return J.detach().numpy(), H.detach().numpy()
+
+        return jh
 
     def asnumpy(self, v) -> np.ndarray:
         if isinstance(v, torch.Tensor):
