@@ -121,22 +121,35 @@ def test_zero_rows_give_an_empty_result():
 # --------------------------------------------------------------------------- limits
 
 
+def _hard_rank_threshold(x, reg):
+    """The largest strength with exactly hard ranks (closed form): adjacent sorted values
+    at ranks k and k + 1 pool once gap / eps <= 1 (L2) or log((k + 1) / k) (KL)."""
+    gaps = np.diff(np.sort(x))
+    if reg == "l2":
+        return gaps.min()
+    k = np.arange(1, len(x))
+    return np.min(gaps / np.log((k + 1) / k))
+
+
 @pytest.mark.parametrize("reg", REGS)
-def test_rank_is_hard_exactly_once_strength_is_below_the_min_gap(reg):
+def test_rank_is_hard_exactly_below_the_closed_form_threshold(reg):
     rng = np.random.default_rng(2)
     x = rng.permutation(np.arange(12.0)) * 0.25 + rng.normal(size=12) * 1e-3
-    gap = np.min(np.diff(np.sort(x)))
+    eps = _hard_rank_threshold(x, reg)
+    assert eps >= np.min(np.diff(np.sort(x)))  # below the min gap is always hard
     for direction, want in (("ascending", rankdata(x)), ("descending", rankdata(-x))):
-        got = soft_rank(x, regularization=reg, regularization_strength=gap * (1 - 1e-9),
+        thr = _hard_rank_threshold(x if direction == "ascending" else -x, reg)
+        got = soft_rank(x, regularization=reg, regularization_strength=thr * (1 - 1e-9),
                         direction=direction)
         np.testing.assert_array_equal(got, want)
-        # At eps == gap exactly the closest pair sits on the pooling boundary.
-        got = soft_rank(x, regularization=reg, regularization_strength=gap,
+        # At the threshold exactly the closest pair sits on the pooling boundary.
+        got = soft_rank(x, regularization=reg, regularization_strength=thr,
                         direction=direction)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-    # Just above the gap the two closest values are pooled: no longer hard.
-    got = soft_rank(x, regularization=reg, regularization_strength=gap * 1.01)
-    assert not np.array_equal(got, rankdata(x))
+        # Just above it the pair is pooled: no longer hard.
+        got = soft_rank(x, regularization=reg, regularization_strength=thr * 1.01,
+                        direction=direction)
+        assert not np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -157,7 +170,6 @@ def test_sort_is_hard_exactly_once_strength_times_max_gap_is_below_one(reg):
 def test_large_strength_gives_the_constant_means():
     x = np.random.default_rng(4).normal(size=(3, 6))
     n = x.shape[-1]
-    rho = np.arange(1.0, n + 1)
     for direction in DIRS:
         np.testing.assert_allclose(
             soft_rank(x, regularization_strength=1e8, direction=direction), (n + 1) / 2,
@@ -165,10 +177,10 @@ def test_large_strength_gives_the_constant_means():
         np.testing.assert_allclose(
             soft_sort(x, regularization_strength=1e8, direction=direction),
             np.broadcast_to(x.mean(-1, keepdims=True), x.shape), atol=1e-6)
-        # KL: e^output stays in the permutahedron of e^w, so the limit is log-mean-exp.
+        # KL rank lives in P(rho) too: the same limit (n + 1) / 2.
         np.testing.assert_allclose(
             soft_rank(x, regularization="kl", regularization_strength=1e8,
-                      direction=direction), logsumexp(rho) - np.log(n), atol=1e-6)
+                      direction=direction), (n + 1) / 2, atol=1e-6)
     np.testing.assert_allclose(
         soft_sort(x, regularization="kl", regularization_strength=1e8),
         np.broadcast_to(-(logsumexp(-x, -1, keepdims=True) - np.log(n)), x.shape),
@@ -390,10 +402,9 @@ def test_rank_sums_and_sort_sum(x, eps, direction):
     s = soft_sort(x, regularization_strength=eps, direction=direction)
     np.testing.assert_allclose(s.sum(-1), x.sum(-1), rtol=1e-9, atol=1e-9 * np.abs(x).sum())
     rk = soft_rank(x, regularization="kl", regularization_strength=eps, direction=direction)
-    # Rounding of x / eps (the condition number of the map) bounds the agreement.
-    tol = 1e-15 * n * (n + np.abs(x).max() / eps)
-    np.testing.assert_allclose(logsumexp(rk, axis=-1), logsumexp(np.arange(1.0, n + 1)),
-                               rtol=0, atol=tol)
+    # KL rank is in P(rho) as well: the same sum, entries in [1, n] (clamped exactly).
+    np.testing.assert_allclose(rk.sum(-1), n * (n + 1) / 2, rtol=1e-12)
+    assert rk.min() >= 1.0 and rk.max() <= n
 
 
 # --------------------------------------------------------------------------- bad input
