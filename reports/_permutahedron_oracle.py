@@ -291,7 +291,7 @@ def oracle(op: str, x, reg: str, eps: float, direction: str = "ascending") -> np
     x = [float(v) for v in np.asarray(x, dtype=float).ravel()]
     n = len(x)
     rho = list(range(n, 0, -1))
-    sign = 1.0 if direction == "ascending" else -1.0
+    sign = 1 if direction == "ascending" else -1  # an int: Fraction * float is a float
     # x / eps and rho / eps are formed exactly (rationals) or at a precision that keeps
     # DIGITS digits below their magnitude: the projection's sensitivity to z is O(n).
     top = max([abs(v) for v in x] + [float(n)])
@@ -304,7 +304,7 @@ def oracle(op: str, x, reg: str, eps: float, direction: str = "ascending") -> np
             return project_kl_certified([sign * mpmath.mpf(v) / mpmath.mpf(eps) for v in x],
                                         rho).value
     # sort: descending = P(rho / eps, x); ascending = -P(rho / eps, -x)
-    flip = 1.0 if direction == "descending" else -1.0
+    flip = 1 if direction == "descending" else -1
     xs = [flip * v for v in x]
     if reg == "l2":
         s = [Fraction(r) / Fraction(eps) for r in rho]

@@ -323,8 +323,8 @@ typedef struct {
     uint64_t *ka, *kb;
     uint32_t *ia, *ib;
     Py_ssize_t *start;
-    double *acc_a, *acc_b; /* per block: anchor key; mean offset (L2) or exp sum (KL) */
-    double *u;             /* the row's keys in sorted coordinates */
+    double *acc_a, *acc_b; /* per block: mean offset from its first key (L2) or exp sum */
+    double *u;             /* the row's signed inputs +-x, sorted descending */
     double *ex;            /* KL: exp(u_j - u_0) of the row */
     double gq;    /* KL sort: q = exp(-1 / eps) */
     double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
@@ -458,17 +458,23 @@ static inline double exp_nonpos(double x)
     return p * scale;
 }
 
-/* e[j] = exp(u[j] - u[0]) for u descending with u[0] - u[n-1] <= 700.  On x86-64 Linux
-   an AVX2 clone (picked at load time) runs the same IEEE operations four lanes wide;
-   without FMA contraction (-std=c99) its results are bit-identical to the SSE2 one. */
+/* e[j] = exp((v[j] - v[0]) / eps) (rank) or exp(v[j] - v[0]) (sort) for v descending
+   with a spread of at most 700 after scaling.  On x86-64 Linux an AVX2 clone (picked at
+   load time) runs the same IEEE operations four lanes wide; without FMA contraction
+   (-std=c99) its results are bit-identical to the SSE2 one. */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-static void exp_from_max(double *restrict e, const double *restrict u, Py_ssize_t n)
+static void exp_from_max(double *restrict e, const double *restrict v, Py_ssize_t n,
+                         int rank, double eps)
 {
-    const double u0 = u[0];
-    for (Py_ssize_t j = 0; j < n; j++)
-        e[j] = exp_nonpos(u[j] - u0);
+    const double v0 = v[0];
+    if (rank)
+        for (Py_ssize_t j = 0; j < n; j++)
+            e[j] = exp_nonpos((v[j] - v0) / eps);
+    else
+        for (Py_ssize_t j = 0; j < n; j++)
+            e[j] = exp_nonpos(v[j] - v0);
 }
 
 /* Sum of exp over a block of length L of an arithmetic sequence with step -d, relative
@@ -543,12 +549,17 @@ static inline double rho_sum(Py_ssize_t n, Py_ssize_t a, Py_ssize_t L)
     return (double)L * (double)(n - a) - 0.5 * (double)L * (double)(L - 1);
 }
 
-/* The row's keys in sorted coordinates: u = x / eps (rank) or x (sort), negated for the
-   direction (a < 0); division, not a * x, so that a subnormal eps never meets 0 * inf. */
-static inline double soft_key(double xv, int rank, double eps, double a)
+/* The difference of two keys, u_a - u_b, from the signed inputs v = +-x sorted
+   descending: (v_a - v_b) / eps (rank) or v_a - v_b (sort).  Differences of nearby inputs
+   are exact (Sterbenz), so the keys' differences are accurate to an ulp *of the
+   difference* at any |x| / eps; x / eps itself is never formed.  A difference that
+   overflows (|x| near DBL_MAX, eps > 8) is rescaled first. */
+static inline double kdiff(const double *v, Py_ssize_t a, Py_ssize_t b, int rank, double eps)
 {
-    const double v = rank ? xv / eps : xv;
-    return a > 0 ? v : -v;
+    const double d = v[a] - v[b];
+    if (!rank)
+        return d;
+    return isinf(d) ? v[a] / eps - v[b] / eps : d / eps;
 }
 
 static inline double clamp(double v, double lo, double hi)
@@ -557,21 +568,23 @@ static inline double clamp(double v, double lo, double hi)
 }
 
 /*
- * Forward for one row.  u = keys sorted descending; in sorted coordinates the fitted
- * vector s and the target w are  rank: s = u, w = rho (L2) or log rho (KL);
- * sort: s = rho / eps, w = u.  PAV finds the blocks of the non-increasing fit of
- * v = iso(s - w) (L2) or iso_kl(s, w) (KL); the output is s - v per block.
+ * Forward for one row.  u = keys sorted descending (x / eps for rank, x for sort, with
+ * the direction's sign); in sorted coordinates the fitted vector s and the target w are
+ * rank: s = u, w = rho (L2) or log rho (KL);  sort: s = rho / eps, w = u.  PAV finds the
+ * blocks of the non-increasing fit v = iso(s - w) (L2) or iso_kl(s, w) (KL); the output
+ * is s - v per block (KL rank: exp(s - v), the paper's operator, in P(rho)).
  *
- * Cancellation-free: a block keeps its first data value md (an anchor) and its data
- * relative to it -- the mean offset (L2) or sum exp(u - md) (KL) -- while the arithmetic
- * side (rho, log rho or rho / eps) is a closed form in the block's start and length.
- * Two adjacent blocks are compared through md1 - md2 (exact when they are close) against
+ * Cancellation-free: u is never formed, only key differences u_a - u_b = (v_a - v_b)/eps
+ * (kdiff), exact to an ulp of the difference.  A block is anchored at its first key md
+ * and keeps its data relative to it -- the mean offset m (L2) or sum exp(u - md) (KL) --
+ * while the arithmetic side (rho, log rho or rho / eps) is a closed form in the block's
+ * start and length.  Two adjacent blocks are compared through md1 - md2 against
  * closed-form differences of the arithmetic side; nothing forms s - w.  So ties pool
  * and stay exactly tied, and singletons return w exactly, at any |x| / eps.  The output
  * of a pooled block is a closed form too:
  *   L2 rank  r_j = (n - c) + (u_j - md) - m          (c: the block's centre index)
  *   L2 sort  o_j = (md + m) + (c - j) / eps
- *   KL rank  r_j = S_B exp(u_j - md) / sum_B exp(u - md),  S_B = sum_B rho   (in P(rho))
+ *   KL rank  r_j = S_B exp(u_j - md) / sum_B exp(u - md),  S_B = sum_B rho
  *   KL sort  o_j = md + log sum_B exp(u - md) - (j - a) / eps - log G(L),
  *            G(L) = sum_{k<L} e^{-k/eps}
  * and is clamped to [1, n] (rank) or [u_{n-1}, u_0] (sort), which the exact values
@@ -587,38 +600,36 @@ static inline double clamp(double v, double lo, double hi)
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
                      int rank, int kl, double eps, double a, Work *wk, double *pw)       \
     {                                                                                    \
-        const int desc = a > 0; /* sort x descending to get u descending */              \
+        const int desc = a > 0; /* sort x descending to get v (and u) descending */      \
         const uint32_t *idx = SORT(x, n, desc, wk);                                      \
-        double *u = wk->u;                                                               \
+        double *v = wk->u; /* the signed inputs +-x, sorted descending */                \
         for (Py_ssize_t i = 0; i < n; i++) {                                             \
             const uint32_t p = idx[i];                                                   \
             perm[i] = (int64_t)p;                                                        \
-            u[i] = soft_key((double)x[p], rank, eps, a);                                 \
+            v[i] = desc ? (double)x[p] : -(double)x[p];                                  \
         }                                                                                \
         Py_ssize_t *st = wk->start;                                                      \
-        double *md = wk->acc_a, *ms = wk->acc_b;                                         \
+        double *ms = wk->acc_b;                                                          \
         Py_ssize_t top = 0;                                                              \
-        const int shared = kl && u[0] - u[n - 1] < 600.0;                                \
+        const int shared = kl && kdiff(v, 0, n - 1, rank, eps) < 600.0;                  \
         double *E = wk->ex;                                                              \
         if (!kl) {                                                                       \
-            /* ms: mean of u - md over the block.  D = mean_1(u) - mean_2(u); merge when \
-               D <= (L1 + L2) / 2 (rank) or (L1 + L2) / (2 eps) <= D (sort). */          \
+            /* ms: mean of u - u_start over the block.  D = mean_1(u) - mean_2(u);       \
+               merge when D <= (L1 + L2) / 2 (rank) or (L1 + L2) / (2 eps) <= D (sort). */ \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double anc = u[i], m = 0.0;                                              \
+                double m = 0.0;                                                          \
                 Py_ssize_t s = i;                                                        \
                 while (top > 0) {                                                        \
                     const Py_ssize_t s1 = st[top - 1];                                   \
                     const double L = (double)(i + 1 - s1);                               \
-                    const double D = (md[top - 1] - anc) + (ms[top - 1] - m);            \
+                    const double D = kdiff(v, s1, s, rank, eps) + (ms[top - 1] - m);     \
                     if (rank ? !(D <= 0.5 * L) : !(0.5 * L / eps <= D))                  \
                         break;                                                           \
                     top--;                                                               \
                     m = ms[top] - D * ((double)(i + 1 - s) / L);                         \
-                    anc = md[top];                                                       \
                     s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                md[top] = anc;                                                           \
                 ms[top] = m;                                                             \
                 top++;                                                                   \
             }                                                                            \
@@ -626,7 +637,7 @@ static inline double clamp(double v, double lo, double hi)
         else if (shared) {                                                               \
             /* E_j = exp(u_j - u_0) in (e^-600, 1], taken in one dependency-free loop;   \
                every block is anchored at u_0 and ms holds its sum of E. */             \
-            exp_from_max(E, u, n);                                                       \
+            exp_from_max(E, v, n, rank, eps);                                            \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
                 double sd = E[i];                                                        \
                 Py_ssize_t s = i;                                                        \
@@ -646,20 +657,19 @@ static inline double clamp(double v, double lo, double hi)
                     s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                md[top] = u[0];                                                          \
                 ms[top] = sd;                                                            \
                 top++;                                                                   \
             }                                                                            \
         }                                                                                \
         else {                                                                           \
-            /* md: the block's first key, ms: sum exp(u - md) (>= 1). */                 \
+            /* anchored at the block's first key; ms: sum exp(u - u_start) (>= 1). */   \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double anc = u[i], sd = 1.0;                                             \
+                double sd = 1.0;                                                         \
                 Py_ssize_t s = i;                                                        \
                 while (top > 0) {                                                        \
                     const Py_ssize_t s1 = st[top - 1];                                   \
                     const Py_ssize_t L1 = s - s1, L2 = i + 1 - s;                        \
-                    const double dm = md[top - 1] - anc; /* >= 0 */                      \
+                    const double dm = kdiff(v, s1, s, rank, eps); /* >= 0 */             \
                     int merge;                                                           \
                     if (rank)                                                            \
                         merge = le_log_ratio(dm, sd * rho_sum(n, s1, L1),                \
@@ -672,16 +682,14 @@ static inline double clamp(double v, double lo, double hi)
                         break;                                                           \
                     top--;                                                               \
                     sd = ms[top] + sd * exp(-dm);                                        \
-                    anc = md[top];                                                       \
                     s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                md[top] = anc;                                                           \
                 ms[top] = sd;                                                            \
                 top++;                                                                   \
             }                                                                            \
         }                                                                                \
-        const double lo = rank ? 1.0 : u[n - 1], hi = rank ? (double)n : u[0];           \
+        const double lo = rank ? 1.0 : v[n - 1], hi = rank ? (double)n : v[0];           \
         const double lq1 = kl && !rank ? log(-expm1(-1.0 / eps)) : 0.0;                  \
         for (Py_ssize_t k = 0; k < top; k++) {                                           \
             const Py_ssize_t s = st[k];                                                  \
@@ -694,7 +702,7 @@ static inline double clamp(double v, double lo, double hi)
                 if (rank)                                                                \
                     out[perm[s]] = (T)(n - s);                                           \
                 else                                                                     \
-                    out[s] = (T)(desc ? u[s] : -u[s]);                                   \
+                    out[s] = (T)(desc ? v[s] : -v[s]);                                   \
                 continue;                                                                \
             }                                                                            \
             const double half = 0.5 * (double)(L - 1); /* c - s */                       \
@@ -704,18 +712,19 @@ static inline double clamp(double v, double lo, double hi)
                 if (rank)                                                                \
                     base = rho_sum(n, s, L) * isd;                                       \
                 else                                                                     \
-                    base = md[k] + log(ms[k]) - (log(-expm1(-(double)L / eps)) - lq1);   \
+                    base = v[shared ? 0 : s] + log(ms[k])                                \
+                           - (log(-expm1(-(double)L / eps)) - lq1);                      \
             }                                                                            \
             for (Py_ssize_t j = s; j < e; j++) {                                         \
                 double r;                                                                \
                 blk[j] = (int64_t)s;                                                     \
                 if (!kl)                                                                 \
-                    r = rank ? ((double)(n - s) - half) + ((u[j] - md[k]) - ms[k])       \
-                             : (md[k] + ms[k]) + (half - (double)(j - s)) / eps;         \
+                    r = rank ? ((double)(n - s) - half) + (kdiff(v, j, s, 1, eps) - ms[k]) \
+                             : (v[s] + ms[k]) + (half - (double)(j - s)) / eps;          \
                 else {                                                                   \
                     double ej = 0.0;                                                     \
                     if (rank || pw)                                                      \
-                        ej = shared ? E[j] : exp(u[j] - md[k]);                          \
+                        ej = shared ? E[j] : exp(kdiff(v, j, s, rank, eps));             \
                     if (pw)                                                              \
                         pw[j] = ej * isd;                                                \
                     r = rank ? base * ej : base - (double)(j - s) / eps;                 \
@@ -758,10 +767,15 @@ DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
             }                                                                            \
             const double *p = pw ? pw + s : NULL;                                        \
             if (kl && !p) {                                                              \
-                const double top = soft_key((double)x[perm[s]], rank, eps, a);           \
+                /* e_j = exp(u_j - u_s) from input differences, as in the forward */    \
+                const double sign = a > 0 ? 1.0 : -1.0;                                  \
                 double z = 0.0;                                                          \
                 for (Py_ssize_t j = s; j < end; j++) {                                   \
-                    e[j] = exp(soft_key((double)x[perm[j]], rank, eps, a) - top);        \
+                    const double d = sign * ((double)x[perm[j]] - (double)x[perm[s]]);   \
+                    e[j] = exp(rank ? (isinf(d) ? sign * (double)x[perm[j]] / eps        \
+                                                  - sign * (double)x[perm[s]] / eps      \
+                                                : d / eps)                               \
+                                    : d);                                                \
                     z += e[j];                                                           \
                 }                                                                        \
                 const double iz = 1.0 / z;                                               \

@@ -218,16 +218,27 @@ def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: floa
                                descending=descending)
 
 
-def keys(x2: np.ndarray, perm: np.ndarray, *, op: str, strength: float,
-         descending: bool) -> np.ndarray:
-    """``u = alpha * x[perm]`` in float64, formed as the C kernel forms it: ``x / eps``
-    (rank; a division, so a tiny ``eps`` never meets ``0 * inf``), then the sign."""
-    u = np.take_along_axis(x2, perm, axis=-1).astype(np.float64)
-    if op == "rank":
-        u /= strength
+def signed_sorted(x2: np.ndarray, perm: np.ndarray, *, op: str, strength: float,
+                  descending: bool) -> np.ndarray:
+    """``v = sign * x[perm]`` in float64 (descending along rows), with ``u = v / eps``
+    (rank) or ``u = v`` (sort). The kernels never form ``u`` itself, only differences
+    :func:`key_diff` of it, which stay accurate at any ``|x| / eps``."""
+    v = np.take_along_axis(x2, perm, axis=-1).astype(np.float64)
     if alpha(op, strength, descending) < 0:
-        np.negative(u, out=u)
-    return u
+        np.negative(v, out=v)
+    return v
+
+
+def key_diff(va, vb, *, rank: bool, strength: float):
+    """``u_a - u_b`` from signed inputs (arrays or floats), as ``kdiff`` in ``_pav.c``."""
+    d = va - vb
+    if not rank:
+        return d
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = d / strength
+        if np.any(np.isinf(d)):  # |x| near the float64 maximum: rescale first
+            q = np.where(np.isinf(d), va / strength - vb / strength, q)
+    return q
 
 
 def _rho_sum(n: int, a: int, length: int) -> float:
@@ -235,44 +246,48 @@ def _rho_sum(n: int, a: int, length: int) -> float:
     return float(length) * float(n - a) - 0.5 * float(length) * float(length - 1)
 
 
-def _soft_pav_row(u: list, *, rank: bool, kl: bool, strength: float, geo: list):
+def _soft_pav_row(v: list, *, rank: bool, kl: bool, strength: float, geo: list):
     """Blocks of one row, by the same decisions as ``soft_row`` in ``_pav.c``.
 
-    ``u``: the keys sorted descending (floats). Returns ``(starts, anchors, stats,
-    shared)``: each block's start, its anchor key ``md`` and its statistic (L2: mean of
-    ``u - md``; KL: ``sum exp(u - md)``), and whether the KL row used one shared anchor
-    ``u[0]``. Adjacent blocks are compared through ``md1 - md2`` and closed forms of the
-    arithmetic side (see the module docstring), never through ``s - w``.
+    ``v``: the signed inputs sorted descending (floats). Returns ``(starts, stats,
+    shared)``: each block's start and statistic (L2: mean of ``u - u_start``; KL:
+    ``sum exp(u - anchor)``, the anchor being the block's first key or, when ``shared``,
+    the row's first key). Adjacent blocks are compared through key differences and closed
+    forms of the arithmetic side (see the module docstring), never through ``s - w``.
     """
-    n = len(u)
+    n = len(v)
     eps = strength
-    starts, md, ms = [], [], []
-    shared = kl and u[0] - u[-1] < 600.0
+
+    def kd(a, b):
+        d = v[a] - v[b]
+        if not rank:
+            return d
+        return v[a] / eps - v[b] / eps if math.isinf(d) else d / eps
+
+    starts, ms = [], []
+    shared = kl and kd(0, n - 1) < 600.0
     log, exp = math.log, math.exp
-    for i, ui in enumerate(u):
+    for i in range(n):
         s = i
         if not kl:
-            anc, m = ui, 0.0
+            m = 0.0
             while starts:
                 s1 = starts[-1]
                 big_l = float(i + 1 - s1)
-                d = (md[-1] - anc) + (ms[-1] - m)
+                d = kd(s1, s) + (ms[-1] - m)
                 if not (d <= 0.5 * big_l if rank else 0.5 * big_l / eps <= d):
                     break
                 starts.pop()
-                anc = md.pop()
                 m = ms.pop() - d * (float(i + 1 - s) / big_l)
                 s = s1
             starts.append(s)
-            md.append(anc)
             ms.append(m)
             continue
-        anc = u[0] if shared else ui
-        sd = exp(ui - u[0]) if shared else 1.0
+        sd = exp(kd(i, 0)) if shared else 1.0
         while starts:
             s1 = starts[-1]
             l1, l2 = s - s1, i + 1 - s
-            dm = md[-1] - anc
+            dm = 0.0 if shared else kd(s1, s)
             if rank:
                 p, q, d = sd * _rho_sum(n, s1, l1), ms[-1] * _rho_sum(n, s, l2), dm
             else:
@@ -280,14 +295,12 @@ def _soft_pav_row(u: list, *, rank: bool, kl: bool, strength: float, geo: list):
             if not (q <= p if shared and rank else d <= log(p / q)):
                 break
             starts.pop()
-            anc = md.pop()
             top = ms.pop()
             sd = top + sd if shared else top + sd * exp(-dm)
             s = s1
         starts.append(s)
-        md.append(anc)
         ms.append(sd)
-    return starts, md, ms, shared
+    return starts, ms, shared
 
 
 def _geo_sums(n: int, strength: float) -> list:
@@ -315,14 +328,14 @@ def _forward_rows_numpy(x2: np.ndarray, *, op: str, regularization: str, strengt
         return np.empty((0, n), dtype=dtype), empty, empty.copy()
     a = alpha(op, strength, descending)
     perm = _order_rows(x2, descending=a > 0)
-    u = keys(x2, perm, op=op, strength=strength, descending=descending)
+    v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
     # The packed sort orders float64 values that agree in their top 64 - log2(n) bits
     # by index; verify and redo the (rare) rows where that broke the order.
     if n > 1:
-        for r in np.flatnonzero((u[:, :-1] < u[:, 1:]).any(axis=1)):
+        for r in np.flatnonzero((v[:, :-1] < v[:, 1:]).any(axis=1)):
             perm[r] = np.argsort(-a * x2[r].astype(np.float64), kind="stable")
-            u[r] = keys(x2[r:r + 1], perm[r:r + 1], op=op, strength=strength,
-                        descending=descending)[0]
+            v[r] = signed_sorted(x2[r:r + 1], perm[r:r + 1], op=op, strength=strength,
+                                 descending=descending)[0]
     rank, kl = op == "rank", regularization == "kl"
     geo = _geo_sums(n, strength) if kl and not rank else None
     lq1 = math.log(-math.expm1(-1.0 / strength)) if kl and not rank else 0.0
@@ -330,30 +343,31 @@ def _forward_rows_numpy(x2: np.ndarray, *, op: str, regularization: str, strengt
     block = np.empty((rows, n), dtype=np.int64)
     j = np.arange(n)
     for r in range(rows):
-        ur = u[r]
-        starts, md, ms, shared = _soft_pav_row(ur.tolist(), rank=rank, kl=kl,
-                                               strength=strength, geo=geo)
+        vr = v[r]
+        starts, ms, shared = _soft_pav_row(vr.tolist(), rank=rank, kl=kl,
+                                           strength=strength, geo=geo)
         starts = np.asarray(starts, dtype=np.int64)
         lengths = np.diff(np.append(starts, n))
         start = np.repeat(starts, lengths)
         length = np.repeat(lengths, lengths).astype(np.float64)
-        anchor = np.repeat(np.asarray(md), lengths)
         stat = np.repeat(np.asarray(ms), lengths)
         offset = (j - start).astype(np.float64)
         half = 0.5 * (length - 1.0)
+        anchor = start if not (kl and shared) else np.zeros_like(start)
+        du = key_diff(vr, vr[anchor], rank=rank, strength=strength)  # u_j - u_anchor
         with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
             if not kl:
-                res = (((n - start) - half) + ((ur - anchor) - stat) if rank
-                       else (anchor + stat) + (half - offset) / strength)
+                res = (((n - start) - half) + (du - stat) if rank
+                       else (vr[start] + stat) + (half - offset) / strength)
             elif rank:
-                res = np.exp(ur - anchor) * (length * (n - start) - 0.5 * length
-                                             * (length - 1.0)) / stat
+                res = np.exp(du) * (length * (n - start) - 0.5 * length
+                                    * (length - 1.0)) / stat
             else:
-                res = (anchor + np.log(stat) - (np.log(-np.expm1(-length / strength)) - lq1)
-                       - offset / strength)
+                res = (vr[anchor] + np.log(stat)
+                       - (np.log(-np.expm1(-length / strength)) - lq1) - offset / strength)
         single = length == 1.0
-        res[single] = (n - j[single]) if rank else ur[single]
-        lo, hi = (1.0, float(n)) if rank else (ur[-1], ur[0])
+        res[single] = (n - j[single]) if rank else vr[single]
+        lo, hi = (1.0, float(n)) if rank else (vr[-1], vr[0])
         out_s[r] = np.clip(res, lo, hi)
         block[r] = start
     out = np.empty((rows, n), dtype=dtype)
@@ -385,9 +399,10 @@ def block_weights(x2: np.ndarray, perm: np.ndarray, block: np.ndarray, *, op: st
     if regularization == "l2":
         counts = np.bincount(ids, minlength=block.size)[ids].reshape(block.shape)
         return 1.0 / counts
-    u = keys(x2, perm, op=op, strength=strength, descending=descending)
-    # u is sorted descending, so a block's first entry is its maximum: exp never overflows.
-    e = np.exp(u - np.take_along_axis(u, block, axis=-1))
+    v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
+    # u - u_first <= 0 (u is sorted descending): exp never overflows.
+    e = np.exp(key_diff(v, np.take_along_axis(v, block, axis=-1), rank=op == "rank",
+                        strength=strength))
     return e / _segsum_bcast(e, ids)
 
 
@@ -428,7 +443,7 @@ def _segments(start_flags: np.ndarray):
 def _pooled_vjp(gs, u, pos, start_flags, n, *, op, regularization):
     """``J_s^T gs`` restricted to whole blocks (sorted coordinates), rank's alpha excluded.
 
-    ``u`` (float64 keys, sorted descending within blocks) is only read for KL; ``pos``
+    ``u`` (float64 ``u - u_first`` per element, <= 0) is only read for KL; ``pos``
     holds each element's sorted position (KL rank's ``S_B``).
     """
     starts, counts = _segments(start_flags)
@@ -436,8 +451,7 @@ def _pooled_vjp(gs, u, pos, start_flags, n, *, op, regularization):
         sums = np.add.reduceat(gs, starts, dtype=np.float64)
         bc = np.repeat(sums / counts, counts)
         return gs - bc if op == "rank" else bc
-    # u is sorted descending: each block's first entry is its max, so exp <= 1.
-    e = np.exp(u - np.repeat(u[starts], counts))
+    e = np.exp(u)
     e /= np.repeat(np.add.reduceat(e, starts), counts)
     if op == "sort":
         return e * np.repeat(np.add.reduceat(gs, starts, dtype=np.float64), counts)
@@ -498,8 +512,10 @@ def _vjp_rows_numpy(x2, perm, block, g2, *, op, regularization, strength, descen
         last[:, -1] = True
         members = np.flatnonzero(~(start_mask & last))
     u = None
-    if regularization == "kl":
-        u = keys(x2, perm, op=op, strength=strength, descending=descending).reshape(-1)[members]
+    if regularization == "kl":  # u - u_first of each element, in float64
+        v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
+        u = key_diff(v, np.take_along_axis(v, block, axis=-1), rank=op == "rank",
+                     strength=strength).reshape(-1)[members]
     r = _pooled_vjp(np.take(gs, members).astype(np.float64), u, pos[members],
                     start_mask.reshape(-1)[members], n, op=op, regularization=regularization)
     if op == "rank":

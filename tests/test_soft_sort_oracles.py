@@ -234,6 +234,13 @@ def test_ties_and_huge_scales_are_exact():
     # L2 in rationals: ties at 1e300 stay tied, the projection is the average rank.
     r = oracle("rank", [1e300, 1e300, -1e300, 5.0], "l2", 1.0)
     assert r.tolist() == [3.5, 3.5, 1.0, 2.0]
+    # x / eps is formed exactly: offsets (0, 2, 2, 10, 12) / 3 at 1e16 (where float64
+    # rounds x / 3 to multiples of 0.5) pool into {12, 10} and {2, 2, 0}, by hand:
+    for direction, sign in (("ascending", 1), ("descending", -1)):
+        r = oracle("rank", sign * (1e16 + np.array([0.0, 2, 2, 10, 12])), "l2", 3.0, direction)
+        want = [Fraction(14, 9), Fraction(20, 9), Fraction(20, 9), Fraction(25, 6),
+                Fraction(29, 6)]
+        assert r.tolist() == [float(v) for v in want]
     r = oracle("rank", [3.0, 3.0, 1.0], "kl", 1e-16)
     assert r.tolist() == [2.5, 2.5, 1.0]
     r = oracle("rank", [1e16] * 3, "kl", 1.0, "descending")
