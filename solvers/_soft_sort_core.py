@@ -37,6 +37,7 @@ all a backward pass needs besides ``x``.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import sys
@@ -55,16 +56,30 @@ OPS = ("sort", "rank")
 # --------------------------------------------------------------------------- validation
 
 
-def check_options(regularization, regularization_strength, direction) -> float:
-    """Validate the keyword options shared by every backend; return the strength as float."""
-    if not isinstance(regularization, str) or regularization not in REGULARIZATIONS:
-        raise ValueError(
-            f"regularization must be 'l2' or 'kl', got {regularization!r}"
-        )
-    if not isinstance(direction, str) or direction not in DIRECTIONS:
-        raise ValueError(
-            f"direction must be 'ascending' or 'descending', got {direction!r}"
-        )
+def _choice(name: str, value, accepted) -> str:
+    """``value`` lower-cased if it is one of ``accepted`` in any case (fast-soft-sort
+    writes ``"DESCENDING"``), else a ValueError quoting it, with the closest spelling."""
+    if isinstance(value, str):
+        low = value.lower()
+        if low in accepted:
+            return low
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower(), accepted, n=1, cutoff=0.5)
+        if close:
+            hint = f"; did you mean {name}={close[0]!r}?"
+    raise ValueError(f"{name} must be " + " or ".join(repr(a) for a in accepted)
+                     + f" (any case), got {value!r}{hint}")
+
+
+def check_options(regularization, regularization_strength, direction):
+    """Validate the keyword options shared by every backend.
+
+    Returns ``(regularization, strength, direction)``: the names lower-cased (``"KL"`` and
+    ``"DESCENDING"`` are accepted) and the strength as a Python float.
+    """
+    regularization = _choice("regularization", regularization, REGULARIZATIONS)
+    direction = _choice("direction", direction, DIRECTIONS)
     strength = regularization_strength
     if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, numbers.Real):
         raise TypeError(
@@ -82,7 +97,7 @@ def check_options(regularization, regularization_strength, direction) -> float:
             f"regularization_strength must be at least {_MIN_STRENGTH!r} (its reciprocal, "
             f"the Jacobian's scale, must be a finite float64), got {strength!r}"
         )
-    return strength
+    return regularization, strength, direction
 
 
 def check_finite_rows(x2: np.ndarray, name: str = "values") -> float:

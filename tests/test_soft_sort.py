@@ -1,6 +1,6 @@
 """soft_sort / soft_rank on NumPy arrays against independent oracles: the permutahedron
-projection solved by SciPy (L2 QP, KL convex solve), closed-form limits, float64 finite
-differences for every Jacobian, Hypothesis properties, and bad input."""
+projection (exact for L2, certified for KL: ``_permutahedron_oracle``), closed-form limits,
+float64 finite differences for every Jacobian, Hypothesis properties, and bad input."""
 import itertools
 import subprocess
 import sys
@@ -50,7 +50,7 @@ def test_values_match_the_permutahedron_projection(op, reg, direction, eps):
     for n in (1, 2, 3, 5):
         x = rng.normal(size=n) * 2
         got = OPS[op](x, regularization=reg, regularization_strength=eps, direction=direction)
-        np.testing.assert_allclose(got, oracle(x, reg, eps, direction), atol=2e-6, rtol=1e-6)
+        np.testing.assert_allclose(got, oracle(x, reg, eps, direction), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -62,7 +62,7 @@ def test_pooled_sort_blocks_recomputed_in_closed_form_match_the_projection(reg):
     assert len(set(block[0].tolist())) < len(x)
     for direction in DIRS:
         got = soft_sort(x, regularization=reg, direction=direction)
-        np.testing.assert_allclose(got, soft_sort_oracle(x, reg, 1.0, direction), atol=2e-6)
+        np.testing.assert_allclose(got, soft_sort_oracle(x, reg, 1.0, direction), atol=1e-12)
 
 
 def test_float32_sort_keeps_float32_accuracy_when_rho_over_eps_dwarfs_the_values():
@@ -426,8 +426,8 @@ def test_bad_input_gets_clear_errors(f):
             f(np.ones(3, dtype=dtype))
     with pytest.raises(TypeError, match="np.asarray"):
         f([1.0, 2.0])
-    with pytest.raises(ValueError, match="'L2'"):
-        f(x, regularization="L2")
+    with pytest.raises(ValueError, match=r"'l2' or 'kl' \(any case\), got 'L1'"):
+        f(x, regularization="L1")
     with pytest.raises(ValueError, match="'up'"):
         f(x, direction="up")
     for bad in (0.0, -1.0, float("nan"), float("inf")):
@@ -438,6 +438,31 @@ def test_bad_input_gets_clear_errors(f):
             f(x, regularization_strength=bad)
     with pytest.raises(ValueError, match="overflows float64"):
         f(np.array([1e300, -1e300]), regularization_strength=1e-308)
+
+
+@pytest.mark.parametrize("f", [soft_sort, soft_rank])
+def test_peer_spellings_upper_case_accepted_typos_and_positional_options_explained(f):
+    # fast-soft-sort writes direction="DESCENDING"; any case means the same operator.
+    x = np.random.default_rng(14).normal(size=(2, 6))
+    for reg, direction in itertools.product(REGS, DIRS):
+        want = f(x, regularization=reg, direction=direction, regularization_strength=0.4)
+        got = f(x, regularization=reg.upper(), direction=direction.upper(),
+                regularization_strength=0.4)
+        np.testing.assert_array_equal(got, want)
+    # A typo quotes the value and the accepted spelling.
+    with pytest.raises(ValueError, match=r"got 'kll'; did you mean regularization='kl'\?"):
+        f(x, regularization="kll")
+    with pytest.raises(ValueError, match=r"got 'DESCENDNG'; did you mean direction='descending'"):
+        f(x, direction="DESCENDNG")
+    # Positional options (torchsort: regularization, strength; fast-soft-sort: direction,
+    # strength, regularization) are refused with the keyword call spelled out.
+    name = f.__name__
+    with pytest.raises(TypeError, match=rf"write {name}\(values, regularization='kl', "
+                                        r"regularization_strength=0.5\)"):
+        f(x, "kl", 0.5)
+    with pytest.raises(TypeError, match=rf"write {name}\(values, direction='descending', "
+                                        r"regularization_strength=0.1, regularization='l2'\)"):
+        f(x, "DESCENDING", 0.1, "l2")
 
 
 def test_importing_solvers_loads_neither_torch_nor_jax():

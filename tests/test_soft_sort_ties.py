@@ -46,8 +46,8 @@ def _backends():
 
     def fallback(f, x, **kw):
         x2 = np.ascontiguousarray(x, dtype=x.dtype)
-        strength = core.check_options(kw["regularization"], kw["regularization_strength"],
-                                      kw["direction"])
+        _, strength, _ = core.check_options(kw["regularization"],
+                                            kw["regularization_strength"], kw["direction"])
         return core._forward_rows_numpy(
             x2, op="rank" if f is soft_rank else "sort", regularization=kw["regularization"],
             strength=strength, descending=kw["direction"] == "descending")[0]
