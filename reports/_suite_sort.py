@@ -419,6 +419,6 @@ def run(*, quick: bool = False, progress=None, frameworks=("torch", "jax")) -> S
     return SuiteResult(
         name="sort", title="Soft sort and soft rank (Blondel et al. 2020)", checks=checks,
         tables=[table], figures=_figures(),
-        summary=f"{passed}/{len(checks)} checks passed; values within {worst_val:.1e} of the "
-                f"direct projection, Jacobians within {worst_jac:.1e} of finite differences.",
+        summary=f"{passed}/{len(checks)} checks passed; values within {worst_val:.1e} of the certified "
+                f"projection, Jacobians within {worst_jac:.1e} of finite differences.",
         seconds=time.perf_counter() - t0)
