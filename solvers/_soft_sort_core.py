@@ -47,10 +47,10 @@ import numpy as np
 from ._isotonic import _ext
 
 REGULARIZATIONS = ("l2", "kl")
-# ~5.6e-309: 1 / strength stays finite. A Python float, which torch.compile can guard on.
-_MIN_STRENGTH = 1.0 / sys.float_info.max
 DIRECTIONS = ("ascending", "descending")
 OPS = ("sort", "rank")
+# ~5.6e-309: 1 / strength stays finite. A Python float, which torch.compile can guard on.
+_MIN_STRENGTH = 1.0 / sys.float_info.max
 
 
 # --------------------------------------------------------------------------- validation
