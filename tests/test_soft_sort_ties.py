@@ -145,7 +145,7 @@ def test_ties_stay_tied_and_ranks_in_range_at_every_scale(ints, scale, eps, reg,
         scale = min(scale, 1e30)
     x = np.array([ints], dtype=float) * scale
     x = x.astype(dtype)
-    if np.max(np.abs(x)) / eps >= np.finfo(np.float64).max / 8:
+    if float(np.max(np.abs(x))) / eps >= np.finfo(np.float64).max / 8:
         return  # refused with a clear error (tested elsewhere)
     n = len(ints)
     kw = dict(regularization=reg, regularization_strength=eps, direction=direction)
