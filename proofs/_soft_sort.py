@@ -19,7 +19,9 @@ and its backward pass (torch autograd; jax when torch is absent).
 Conventions (those of ``nonsmooth.solvers``, after Blondel et al.): rho = (n, ..., 1);
 ascending soft rank = P(theta/eps, rho), descending = P(-theta/eps, rho); descending soft
 sort = P(rho/eps, theta), ascending = -P(rho/eps, -theta); P is the Euclidean projection
-(L2) or log of the KL projection onto P(e^w) (KL).
+(L2) or log of the KL projection onto P(e^w) (KL). KL soft rank is the paper's
+exp(P(theta/eps, log rho)) = argmin_{mu in P(rho)} KL(mu | e^{theta/eps}): the pieces are
+solved for symbolic w and evaluated at w = log rho, and the rank is their exponential.
 """
 from __future__ import annotations
 
@@ -218,11 +220,12 @@ def _exact_case(op, kind, direction, theta_vals, eps):
         z_at = [v.subs(point) for v in z]
         order = sorted(range(n), key=lambda i: -z_at[i])   # rank coordinates sorted by z, descending
         zs = [z[i] for i in order]
-        cand = pieces_at(zs, rho, kind)
+        # KL: the target is P(rho) = P(e^w) at w = log rho, and the rank is exp(log mu)
+        cand = pieces_at(zs, rho if kind == "l2" else [sp.log(r) for r in rho], kind)
         piece = active_piece(cand, point)
         if piece is None:
             return None
-        out_sorted = piece.output
+        out_sorted = piece.output if kind == "l2" else [sp.exp(v) for v in piece.output]
         out = [None] * n
         for pos, i in enumerate(order):
             out[i] = out_sorted[pos]
@@ -345,7 +348,8 @@ def _make(op, kind, direction):
     name = f"soft_{op}_{kind}" + ("" if direction == "ascending" else "_descending")
     what = "rank" if op == "rank" else "sort"
     form = {("rank", "l2"): "the Euclidean projection of theta/eps onto the permutahedron P(rho)",
-            ("rank", "kl"): "log of the KL projection of exp(theta/eps) onto P(exp(rho))",
+            ("rank", "kl"): "the KL projection of exp(theta/eps) onto P(rho), i.e. "
+                            "exp(P(theta/eps, log rho)) with P the log-domain KL projection",
             ("sort", "l2"): "the Euclidean projection of rho/eps onto P(theta)",
             ("sort", "kl"): "log of the KL projection of exp(rho/eps) onto P(exp(theta))"}[(op, kind)]
     return Proof(
@@ -359,7 +363,9 @@ def _make(op, kind, direction):
                r"\partial P/\partial z=I-\mathrm{blockdiag}(\tfrac1{|B|}\mathbf{1}\mathbf{1}^\top)"
                if kind == "l2" else
                r"P(z,w)=\log\arg\min_{\mu\in\mathcal{P}(e^w)}\mathrm{KL}(\mu\,\|\,e^z),\quad "
-               r"\partial P/\partial z=I-\mathrm{blockdiag}(\mathbf{1}\,\mathrm{softmax}(z_B)^\top)"),
+               r"\partial P/\partial z=I-\mathrm{blockdiag}(\mathbf{1}\,\mathrm{softmax}(z_B)^\top)"
+               + (r",\quad r=e^{P(\theta/\varepsilon,\log\rho)}\in\mathcal{P}(\rho)" if op == "rank"
+                  else "")),
         assumptions=("rho = (n, ..., 1); eps > 0", "Rado's inequality description of the permutahedron",
                      "test points are generic (no multiplier or slack exactly zero)"),
         run=lambda d: _run_case(d, op, kind, direction),
@@ -368,4 +374,5 @@ def _make(op, kind, direction):
 
 PROOFS = tuple(_make(op, kind, direction) for op, kind, direction in (
     ("rank", "l2", "ascending"), ("rank", "kl", "ascending"), ("sort", "l2", "ascending"),
-    ("sort", "kl", "ascending"), ("rank", "l2", "descending"), ("sort", "kl", "descending")))
+    ("sort", "kl", "ascending"), ("rank", "l2", "descending"), ("rank", "kl", "descending"),
+    ("sort", "kl", "descending")))

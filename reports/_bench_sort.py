@@ -126,7 +126,8 @@ def run(*, quick: bool = False, out=print) -> list[Table]:
             rows.append(row)
     note = ("Median of interleaved runs, one thread, torch CPU tensors, strength 1.0, x ~ N(0, 1); "
             "ratios are ours / "
-            "baseline (below 1 = faster). Targets (issue 2), column 'target': at batch >= 128, "
+            "baseline (below 1 = faster). Every row computes the same operator as the peers "
+            "(KL soft rank included: the paper's exp(P_E(z, log rho)), in [1, n]). Targets (issue 2), column 'target': at batch >= 128, "
             "fwd+bwd <= 0.5x torch.sort, <= 1.5x numpy.argsort and <= 1/3 of torchsort's "
             "time (when installed); at (1, 1000) fwd+bwd <= 2x torch.sort. The (1, 1000) "
             "fwd+bwd includes the harness (a product, a sum and backward()), which alone "

@@ -323,12 +323,10 @@ typedef struct {
     uint64_t *ka, *kb;
     uint32_t *ia, *ib;
     Py_ssize_t *start;
-    double *acc_a, *acc_b, *value, *u, *y;
-    double *ex; /* KL: exp(u_j - u_0) of the row */
-    double *ratio, *ratio2;
-    double *rel;          /* KL: weight of a block start relative to its absorber */
-    Py_ssize_t *anchor;   /* KL: the start of the block that absorbed it */
-    double gq;    /* q = exp(-step) of the arithmetic side */
+    double *acc_a, *acc_b; /* per block: mean offset from its first key (L2) or exp sum */
+    double *u;             /* the row's signed inputs +-x, sorted descending */
+    double *ex;            /* KL: exp(u_j - u_0) of the row */
+    double gq;    /* KL sort: q = exp(-1 / eps) */
     double *gpow; /* gpow[L] = q^(L-1), gsum[L] = sum_{k<L} q^k, filled up to glen */
     double *gsum;
     Py_ssize_t glen;
@@ -460,17 +458,23 @@ static inline double exp_nonpos(double x)
     return p * scale;
 }
 
-/* e[j] = exp(u[j] - u[0]) for u descending with u[0] - u[n-1] <= 700.  On x86-64 Linux
-   an AVX2 clone (picked at load time) runs the same IEEE operations four lanes wide;
-   without FMA contraction (-std=c99) its results are bit-identical to the SSE2 one. */
+/* e[j] = exp((v[j] - v[0]) / eps) (rank) or exp(v[j] - v[0]) (sort) for v descending
+   with a spread of at most 700 after scaling.  On x86-64 Linux an AVX2 clone (picked at
+   load time) runs the same IEEE operations four lanes wide; without FMA contraction
+   (-std=c99) its results are bit-identical to the SSE2 one. */
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-static void exp_from_max(double *restrict e, const double *restrict u, Py_ssize_t n)
+static void exp_from_max(double *restrict e, const double *restrict v, Py_ssize_t n,
+                         int rank, double eps)
 {
-    const double u0 = u[0];
-    for (Py_ssize_t j = 0; j < n; j++)
-        e[j] = exp_nonpos(u[j] - u0);
+    const double v0 = v[0];
+    if (rank)
+        for (Py_ssize_t j = 0; j < n; j++)
+            e[j] = exp_nonpos((v[j] - v0) / eps);
+    else
+        for (Py_ssize_t j = 0; j < n; j++)
+            e[j] = exp_nonpos(v[j] - v0);
 }
 
 /* Sum of exp over a block of length L of an arithmetic sequence with step -d, relative
@@ -522,16 +526,13 @@ static inline void log_bounds(double p, double *lo, double *hi)
 }
 
 /*
- * Is  a + log(na / da) <= b + log(nb / db)?  All four are sums in [1, n], so
- * log(nb da) - log(na db) is bracketed from the products' bit patterns (no division,
- * no log); only a difference a - b inside the bracket (width < 0.032) costs a log.
+ * Is  d <= log(p / q)?  p and q are positive normal doubles (products of a block's data
+ * sum, at least e^-600, and an arithmetic-side sum, at least 1), so log(p) - log(q) is
+ * bracketed from their bit patterns (no division, no log); only a d inside the bracket
+ * (width < 0.032) costs a log.
  */
-static inline int kl_le(double a, double na, double da, double b, double nb, double db)
+static inline int le_log_ratio(double d, double p, double q)
 {
-    if (na == da && nb == db) /* two singletons (both ratios 1): no log term at all */
-        return a <= b;
-    const double d = a - b;
-    const double p = nb * da, q = na * db;
     double plo, phi, qlo, qhi;
     log_bounds(p, &plo, &phi);
     log_bounds(q, &qlo, &qhi);
@@ -542,208 +543,197 @@ static inline int kl_le(double a, double na, double da, double b, double nb, dou
     return d <= log(p / q);
 }
 
+/* sum_{j=a}^{a+L-1} rho_j with rho_j = n - j: the arithmetic side of KL soft rank. */
+static inline double rho_sum(Py_ssize_t n, Py_ssize_t a, Py_ssize_t L)
+{
+    return (double)L * (double)(n - a) - 0.5 * (double)L * (double)(L - 1);
+}
+
+/* The difference of two keys, u_a - u_b, from the signed inputs v = +-x sorted
+   descending: (v_a - v_b) / eps (rank) or v_a - v_b (sort).  Differences of nearby inputs
+   are exact (Sterbenz), so the keys' differences are accurate to an ulp *of the
+   difference* at any |x| / eps; x / eps itself is never formed.  A difference that
+   overflows (|x| near DBL_MAX, eps > 8) is rescaled first. */
+static inline double kdiff(const double *v, Py_ssize_t a, Py_ssize_t b, int rank, double eps)
+{
+    const double d = v[a] - v[b];
+    if (!rank)
+        return d;
+    return isinf(d) ? v[a] / eps - v[b] / eps : d / eps;
+}
+
+static inline double clamp(double v, double lo, double hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
 /*
- * Forward for one row.  u = alpha * x[perm] sorted descending; in sorted coordinates
- * s (the fitted vector) and w (the target):  rank: s = u, w = rho;  sort: s = rho/eps,
- * w = u.  y = s - w; v = iso(y) (L2) or iso_kl(s, w); result = w + (y - v), so a
- * singleton block returns w exactly.  The arithmetic in T matches the NumPy fallback.
+ * Forward for one row.  u = keys sorted descending (x / eps for rank, x for sort, with
+ * the direction's sign); in sorted coordinates the fitted vector s and the target w are
+ * rank: s = u, w = rho (L2) or log rho (KL);  sort: s = rho / eps, w = u.  PAV finds the
+ * blocks of the non-increasing fit v = iso(s - w) (L2) or iso_kl(s, w) (KL); the output
+ * is s - v per block (KL rank: exp(s - v), the paper's operator, in P(rho)).
  *
- * KL pooling: both s and w are non-increasing, so a block's first element is the max
- * of both: a block keeps its first data value, sum exp(data - first), and its value as
- * (log-free part, two sums) with value = part + log(sum / sum); the arithmetic side
- * (rho or rho/eps) is a geometric sum from a shared table.  When the row's values spread
- * under 600, all data exps are taken once against the row's max (a vectorized loop) and
- * a merge is two additions; wider rows take one exp per merge relative to the block's
- * first value.  kl_le compares values without a log or a division unless they are
- * within 0.032, and each final block takes one log.
+ * Cancellation-free: u is never formed, only key differences u_a - u_b = (v_a - v_b)/eps
+ * (kdiff), exact to an ulp of the difference.  A block is anchored at its first key md
+ * and keeps its data relative to it -- the mean offset m (L2) or sum exp(u - md) (KL) --
+ * while the arithmetic side (rho, log rho or rho / eps) is a closed form in the block's
+ * start and length.  Two adjacent blocks are compared through md1 - md2 against
+ * closed-form differences of the arithmetic side; nothing forms s - w.  So ties pool
+ * and stay exactly tied, and singletons return w exactly, at any |x| / eps.  The output
+ * of a pooled block is a closed form too:
+ *   L2 rank  r_j = (n - c) + (u_j - md) - m          (c: the block's centre index)
+ *   L2 sort  o_j = (md + m) + (c - j) / eps
+ *   KL rank  r_j = S_B exp(u_j - md) / sum_B exp(u - md),  S_B = sum_B rho
+ *   KL sort  o_j = md + log sum_B exp(u - md) - (j - a) / eps - log G(L),
+ *            G(L) = sum_{k<L} e^{-k/eps}
+ * and is clamped to [1, n] (rank) or [u_{n-1}, u_0] (sort), which the exact values
+ * satisfy, so rounding never leaves the permutahedron.
+ *
+ * KL pooling: when the row's keys spread under 600, all exps are taken once against
+ * the row's max (a vectorized loop) and a merge is an addition; wider rows take one exp
+ * per merge against the absorbing block's anchor.  le_log_ratio compares without a log
+ * unless the two values are within 0.032.  `pw` (optional) receives each element's
+ * softmax weight within its block, for the backward.
  */
 #define DEFINE_SOFT_ROW(NAME, T, SORT)                                                   \
     static void NAME(const T *x, T *out, int64_t *perm, int64_t *blk, Py_ssize_t n,      \
                      int rank, int kl, double eps, double a, Work *wk, double *pw)       \
     {                                                                                    \
-        const int desc = a > 0; /* sort x descending to get u descending */              \
+        const int desc = a > 0; /* sort x descending to get v (and u) descending */      \
         const uint32_t *idx = SORT(x, n, desc, wk);                                      \
-        const T ta = (T)a, teps = (T)eps;                                                \
-        double *u = wk->u, *y = wk->y;                                                   \
+        double *v = wk->u; /* the signed inputs +-x, sorted descending */                \
         for (Py_ssize_t i = 0; i < n; i++) {                                             \
             const uint32_t p = idx[i];                                                   \
             perm[i] = (int64_t)p;                                                        \
-            const T ui = (a == 1.0) ? x[p] : (T)(ta * x[p]);                             \
-            const T ri = (T)(n - i);                                                     \
-            u[i] = (double)ui;                                                           \
-            y[i] = rank ? (double)(T)(ui - ri) : (double)(T)(ri / teps - ui);            \
+            v[i] = desc ? (double)x[p] : -(double)x[p];                                  \
         }                                                                                \
         Py_ssize_t *st = wk->start;                                                      \
-        double *va = wk->acc_a, *vb = wk->acc_b, *val = wk->value;                       \
+        double *ms = wk->acc_b;                                                          \
         Py_ssize_t top = 0;                                                              \
+        const int shared = kl && kdiff(v, 0, n - 1, rank, eps) < 600.0;                  \
+        double *E = wk->ex;                                                              \
         if (!kl) {                                                                       \
+            /* ms: mean of u - u_start over the block.  D = mean_1(u) - mean_2(u);       \
+               merge when D <= (L1 + L2) / 2 (rank) or (L1 + L2) / (2 eps) <= D (sort). */ \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double m = y[i], ww = 1.0;                                               \
+                double m = 0.0;                                                          \
                 Py_ssize_t s = i;                                                        \
-                while (top > 0 && va[top - 1] <= m) {                                    \
+                while (top > 0) {                                                        \
+                    const Py_ssize_t s1 = st[top - 1];                                   \
+                    const double L = (double)(i + 1 - s1);                               \
+                    const double D = kdiff(v, s1, s, rank, eps) + (ms[top - 1] - m);     \
+                    if (rank ? !(D <= 0.5 * L) : !(0.5 * L / eps <= D))                  \
+                        break;                                                           \
                     top--;                                                               \
-                    const double ma = va[top], wa = vb[top];                             \
-                    const double total = wa + ww;                                        \
-                    const double d = m - ma;                                             \
-                    s = st[top];                                                         \
-                    if (isinf(d))                                                        \
-                        m = ma * (wa / total) + m * (ww / total);                        \
-                    else                                                                 \
-                        m = ma + d * (ww / total);                                       \
-                    ww = total;                                                          \
+                    m = ms[top] - D * ((double)(i + 1 - s) / L);                         \
+                    s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                va[top] = m;                                                             \
-                vb[top] = ww;                                                            \
+                ms[top] = m;                                                             \
                 top++;                                                                   \
             }                                                                            \
-            for (Py_ssize_t k = 0; k < top; k++)                                         \
-                val[k] = va[k];                                                          \
         }                                                                                \
-        else if (u[0] - u[n - 1] < 600.0) {                                              \
-            /* E_j = exp(u_j - u_0) <= 1 (u descends), all taken in one dependency-free \
-               loop; a spread under 600 keeps every E_j and block sum a normal double.  \
-               Blocks are then (log-free part, data sum, geometric sum) with the common \
-               u_0 left out of the comparisons: a merge is two additions, no exp. */    \
-            double *E = wk->ex, *nm = wk->ratio, *dn = wk->ratio2;                       \
-            const double u0 = u[0];                                                      \
-            exp_from_max(E, u, n);                                                       \
+        else if (shared) {                                                               \
+            /* E_j = exp(u_j - u_0) in (e^-600, 1], taken in one dependency-free loop;   \
+               every block is anchored at u_0 and ms holds its sum of E. */             \
+            exp_from_max(E, v, n, rank, eps);                                            \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double sd = E[i], cn, cd;                                                \
-                double b = rank ? -(double)(T)(n - i) : (double)((T)(n - i) / teps);     \
-                cn = rank ? sd : 1.0;                                                    \
-                cd = rank ? 1.0 : sd;                                                    \
+                double sd = E[i];                                                        \
                 Py_ssize_t s = i;                                                        \
-                while (top > 0 && kl_le(val[top - 1], nm[top - 1], dn[top - 1], b, cn,   \
-                                        cd)) {                                           \
+                while (top > 0) {                                                        \
+                    const Py_ssize_t s1 = st[top - 1];                                   \
+                    const Py_ssize_t L1 = s - s1, L2 = i + 1 - s;                        \
+                    int merge;                                                           \
+                    if (rank) /* sd2 S1 >= sd1 S2 */                                     \
+                        merge = ms[top - 1] * rho_sum(n, s, L2) <= sd * rho_sum(n, s1, L1); \
+                    else                                                                 \
+                        merge = le_log_ratio((double)L1 / eps, geo_sum(wk, L2) * ms[top - 1], \
+                                             geo_sum(wk, L1) * sd);                      \
+                    if (!merge)                                                          \
+                        break;                                                           \
                     top--;                                                               \
-                    sd += vb[top];                                                       \
-                    s = st[top];                                                         \
-                    b = val[top];                                                        \
-                    const double g = geo_sum(wk, i + 1 - s);                             \
-                    cn = rank ? sd : g;                                                  \
-                    cd = rank ? g : sd;                                                  \
+                    sd += ms[top];                                                       \
+                    s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                va[top] = u0;                                                            \
-                vb[top] = sd;                                                            \
-                val[top] = b;                                                            \
-                nm[top] = cn;                                                            \
-                dn[top] = cd;                                                            \
+                ms[top] = sd;                                                            \
                 top++;                                                                   \
-            }                                                                            \
-            for (Py_ssize_t k = 0; k < top; k++) {                                       \
-                const Py_ssize_t s = st[k];                                              \
-                const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                      \
-                if (e - s == 1) { /* exactly y, so a singleton returns w exactly */      \
-                    val[k] = rank ? u[s] - (double)(T)(n - s)                            \
-                                  : (double)((T)(n - s) / teps) - u[s];                  \
-                    if (pw)                                                              \
-                        pw[s] = 1.0;                                                     \
-                    continue;                                                            \
-                }                                                                        \
-                val[k] += log(nm[k] / dn[k]) + (rank ? u0 : -u0);                        \
-                if (pw) {                                                                \
-                    const double iz = 1.0 / vb[k];                                       \
-                    for (Py_ssize_t j = s; j < e; j++)                                   \
-                        pw[j] = E[j] * iz;                                               \
-                }                                                                        \
             }                                                                            \
         }                                                                                \
         else {                                                                           \
-            /* va: first data value of the block, vb: sum exp(data - first); the value  \
-               is val + log(nm / dn), nm/dn the data and geometric sums (rank: data on   \
-               top, sort: below). */                                                     \
-            double *nm = wk->ratio, *dn = wk->ratio2;                                    \
+            /* anchored at the block's first key; ms: sum exp(u - u_start) (>= 1). */   \
             for (Py_ssize_t i = 0; i < n; i++) {                                         \
-                double md = u[i], sd = 1.0, cn = 1.0, cd = 1.0;                          \
-                double b = rank ? u[i] - (double)(T)(n - i)                              \
-                                : (double)((T)(n - i) / teps) - u[i];                    \
+                double sd = 1.0;                                                         \
                 Py_ssize_t s = i;                                                        \
-                while (top > 0 && kl_le(val[top - 1], nm[top - 1], dn[top - 1], b, cn,   \
-                                        cd)) {                                           \
+                while (top > 0) {                                                        \
+                    const Py_ssize_t s1 = st[top - 1];                                   \
+                    const Py_ssize_t L1 = s - s1, L2 = i + 1 - s;                        \
+                    const double dm = kdiff(v, s1, s, rank, eps); /* >= 0 */             \
+                    int merge;                                                           \
+                    if (rank)                                                            \
+                        merge = le_log_ratio(dm, sd * rho_sum(n, s1, L1),                \
+                                             ms[top - 1] * rho_sum(n, s, L2));           \
+                    else                                                                 \
+                        merge = le_log_ratio((double)L1 / eps - dm,                      \
+                                             geo_sum(wk, L2) * ms[top - 1],              \
+                                             geo_sum(wk, L1) * sd);                      \
+                    if (!merge)                                                          \
+                        break;                                                           \
                     top--;                                                               \
-                    const double ex = exp(md - va[top]);                                 \
-                    if (pw) {                                                            \
-                        wk->rel[s] = ex;                                                 \
-                        wk->anchor[s] = st[top];                                         \
-                    }                                                                    \
-                    sd = vb[top] + sd * ex;                                              \
-                    md = va[top];                                                        \
-                    s = st[top];                                                         \
-                    b = val[top];                                                        \
-                    const double g = geo_sum(wk, i + 1 - s);                             \
-                    cn = rank ? sd : g;                                                  \
-                    cd = rank ? g : sd;                                                  \
+                    sd = ms[top] + sd * exp(-dm);                                        \
+                    s = s1;                                                              \
                 }                                                                        \
                 st[top] = s;                                                             \
-                va[top] = md;                                                            \
-                vb[top] = sd;                                                            \
-                val[top] = b;                                                            \
-                nm[top] = cn;                                                            \
-                dn[top] = cd;                                                            \
+                ms[top] = sd;                                                            \
                 top++;                                                                   \
             }                                                                            \
-            for (Py_ssize_t k = 0; k < top; k++)                                         \
-                if (nm[k] != dn[k])                                                      \
-                    val[k] += log(nm[k] / dn[k]);                                        \
-            /* Softmax weights of the data within each block, from the merges' own      \
-               exps: w_j = rel_j w_anchor(j), anchors lie before j in the block. */     \
-            if (pw)                                                                      \
-                for (Py_ssize_t k = 0; k < top; k++) {                                   \
-                    const Py_ssize_t s = st[k];                                          \
-                    const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                  \
-                    double z = 1.0;                                                      \
-                    pw[s] = 1.0;                                                         \
-                    for (Py_ssize_t j = s + 1; j < e; j++) {                             \
-                        pw[j] = wk->rel[j] * pw[wk->anchor[j]];                          \
-                        z += pw[j];                                                      \
-                    }                                                                    \
-                    if (e - s > 1) { /* one division per block, not per element */    \
-                        const double iz = 1.0 / z;                                       \
-                        for (Py_ssize_t j = s; j < e; j++)                               \
-                            pw[j] *= iz;                                                 \
-                    }                                                                    \
-                }                                                                        \
         }                                                                                \
-        /* Closed form for pooled soft-sort blocks when n/eps dwarfs the values, where   \
-           s - w keeps only the top bits of w (see _resolve_pooled_sort). */             \
-        const int resolve = !rank && n > 1 &&                                            \
-            (double)n / eps > 16.0 * fmax(fabs(u[0]), fabs(u[n - 1]));                   \
-        const double lq1 = resolve && kl ? log(-expm1(-1.0 / eps)) : 0.0;                \
+        const double lo = rank ? 1.0 : v[n - 1], hi = rank ? (double)n : v[0];           \
+        const double lq1 = kl && !rank ? log(-expm1(-1.0 / eps)) : 0.0;                  \
         for (Py_ssize_t k = 0; k < top; k++) {                                           \
             const Py_ssize_t s = st[k];                                                  \
             const Py_ssize_t e = (k + 1 < top) ? st[k + 1] : n;                          \
-            const T vk = (T)val[k];                                                      \
             const Py_ssize_t L = e - s;                                                  \
-            double base = 0.0, lgL = 0.0;                                                \
-            const int closed = resolve && L > 1;                                         \
-            if (closed) {                                                                \
-                if (kl) {                                                                \
-                    base = va[k] + log(vb[k]);                                           \
-                    lgL = log(-expm1(-(double)L / eps));                                 \
-                }                                                                        \
-                else {                                                                   \
-                    double sum = 0.0;                                                    \
-                    for (Py_ssize_t j = s; j < e; j++)                                   \
-                        sum += u[j];                                                     \
-                    base = sum / (double)L;                                              \
-                }                                                                        \
+            if (L == 1) { /* a singleton returns w exactly */                            \
+                blk[s] = (int64_t)s;                                                     \
+                if (pw)                                                                  \
+                    pw[s] = 1.0;                                                         \
+                if (rank)                                                                \
+                    out[perm[s]] = (T)(n - s);                                           \
+                else                                                                     \
+                    out[s] = (T)(desc ? v[s] : -v[s]);                                   \
+                continue;                                                                \
+            }                                                                            \
+            const double half = 0.5 * (double)(L - 1); /* c - s */                       \
+            double base = 0.0, isd = 0.0;                                                \
+            if (kl) {                                                                    \
+                isd = 1.0 / ms[k];                                                       \
+                if (rank)                                                                \
+                    base = rho_sum(n, s, L) * isd;                                       \
+                else                                                                     \
+                    base = v[shared ? 0 : s] + log(ms[k])                                \
+                           - (log(-expm1(-(double)L / eps)) - lq1);                      \
             }                                                                            \
             for (Py_ssize_t j = s; j < e; j++) {                                         \
-                T r;                                                                     \
-                if (closed)                                                              \
-                    r = kl ? (T)(base - (double)(j - s) / eps - lgL + lq1)               \
-                           : (T)(base + ((double)(L - 1) / 2.0 - (double)(j - s)) / eps); \
-                else {                                                                   \
-                    const T w = rank ? (T)(n - j) : (T)u[j];                             \
-                    r = (T)((T)((T)y[j] - vk) + w);                                      \
-                }                                                                        \
+                double r;                                                                \
                 blk[j] = (int64_t)s;                                                     \
+                if (!kl)                                                                 \
+                    r = rank ? ((double)(n - s) - half) + (kdiff(v, j, s, 1, eps) - ms[k]) \
+                             : (v[s] + ms[k]) + (half - (double)(j - s)) / eps;          \
+                else {                                                                   \
+                    double ej = 0.0;                                                     \
+                    if (rank || pw)                                                      \
+                        ej = shared ? E[j] : exp(kdiff(v, j, s, rank, eps));             \
+                    if (pw)                                                              \
+                        pw[j] = ej * isd;                                                \
+                    r = rank ? base * ej : base - (double)(j - s) / eps;                 \
+                }                                                                        \
+                r = clamp(r, lo, hi);                                                    \
                 if (rank)                                                                \
-                    out[perm[j]] = r;                                                    \
+                    out[perm[j]] = (T)r;                                                 \
                 else                                                                     \
-                    out[j] = desc ? r : -r;                                              \
+                    out[j] = (T)(desc ? r : -r);                                         \
             }                                                                            \
         }                                                                                \
     }
@@ -752,14 +742,18 @@ DEFINE_SOFT_ROW(soft_row_f64, double, sort_row_f64)
 DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
 
 /*
- * Backward for one row: dx[perm_j] = p_j sum_B g (sort) or a (g_j - p_j sum_B g) with
- * g_j = g[perm_j] (rank), p = 1/|B| (L2) or softmax(u_B) (KL), sums in double.
- * Singleton blocks (p = 1) need no reduction.  `e` is a row of scratch.
+ * Backward for one row, sorted coordinates, g_j = g[perm_j] (rank) or g[j] (sort),
+ * p = 1/|B| (L2) or the block softmax of u (KL), a = +-1/eps (rank):
+ *   sort     dx[perm_j] = p_j sum_B g
+ *   L2 rank  dx[perm_j] = a (g_j - sum_B p g)
+ *   KL rank  dx[perm_j] = a S_B p_j (g_j - sum_B p g)   (J = a S_B (diag p - p p^T))
+ * Singleton blocks need no reduction.  `e` is a row of scratch; `pw` the forward's
+ * softmax weights (KL) or NULL.
  */
 #define DEFINE_SOFT_VJP(NAME, T)                                                         \
     static void NAME(const T *x, const int64_t *perm, const int64_t *blk, const T *g,    \
-                     T *dx, Py_ssize_t n, int rank, int kl, double a, double *e,         \
-                     const double *pw)                                                   \
+                     T *dx, Py_ssize_t n, int rank, int kl, double eps, double a,        \
+                     double *e, const double *pw)                                        \
     {                                                                                    \
         Py_ssize_t s = 0;                                                                \
         while (s < n) {                                                                  \
@@ -771,32 +765,45 @@ DEFINE_SOFT_ROW(soft_row_f32, float, sort_row_f32)
                 s = end;                                                                 \
                 continue;                                                                \
             }                                                                            \
-            double sum = 0.0;                                                            \
-            for (Py_ssize_t j = s; j < end; j++)                                         \
-                sum += (double)(rank ? g[perm[j]] : g[j]);                               \
-            if (kl && pw) { /* the forward's softmax weights */                          \
-                for (Py_ssize_t j = s; j < end; j++) {                                   \
-                    const double r = pw[j] * sum;                                        \
-                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - r)) : (T)r;       \
-                }                                                                        \
-            }                                                                            \
-            else if (kl) {                                                               \
-                const double top = a * (double)x[perm[s]];                               \
+            const double *p = pw ? pw + s : NULL;                                        \
+            if (kl && !p) {                                                              \
+                /* e_j = exp(u_j - u_s) from input differences, as in the forward */    \
+                const double sign = a > 0 ? 1.0 : -1.0;                                  \
                 double z = 0.0;                                                          \
                 for (Py_ssize_t j = s; j < end; j++) {                                   \
-                    e[j] = exp(a * (double)x[perm[j]] - top);                            \
+                    const double d = sign * ((double)x[perm[j]] - (double)x[perm[s]]);   \
+                    e[j] = exp(rank ? (isinf(d) ? sign * (double)x[perm[j]] / eps        \
+                                                  - sign * (double)x[perm[s]] / eps      \
+                                                : d / eps)                               \
+                                    : d);                                                \
                     z += e[j];                                                           \
                 }                                                                        \
-                const double c = sum / z;                                                \
-                for (Py_ssize_t j = s; j < end; j++) {                                   \
-                    const double r = e[j] * c;                                           \
-                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - r)) : (T)r;       \
-                }                                                                        \
+                const double iz = 1.0 / z;                                               \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    e[j] *= iz;                                                          \
+                p = e + s;                                                               \
             }                                                                            \
-            else {                                                                       \
+            double sum = 0.0;                                                            \
+            if (!rank) {                                                                 \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    sum += (double)g[j];                                                 \
                 const double c = sum / (double)(end - s);                                \
                 for (Py_ssize_t j = s; j < end; j++)                                     \
-                    dx[perm[j]] = rank ? (T)(a * ((double)g[perm[j]] - c)) : (T)c;       \
+                    dx[perm[j]] = (T)(kl ? p[j - s] * sum : c);                          \
+            }                                                                            \
+            else if (!kl) {                                                              \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    sum += (double)g[perm[j]];                                           \
+                const double c = sum / (double)(end - s);                                \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    dx[perm[j]] = (T)(a * ((double)g[perm[j]] - c));                     \
+            }                                                                            \
+            else {                                                                       \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    sum += p[j - s] * (double)g[perm[j]];                                \
+                const double c = a * rho_sum(n, s, end - s);                             \
+                for (Py_ssize_t j = s; j < end; j++)                                     \
+                    dx[perm[j]] = (T)(c * p[j - s] * ((double)g[perm[j]] - sum));        \
             }                                                                            \
             s = end;                                                                     \
         }                                                                                \
@@ -836,7 +843,7 @@ static int get_shaped(PyObject *obj, Py_buffer *view, const char *name, int writ
 
 /*
  * soft_forward(x, out, perm, block, rank, kl, eps, descending, weights=None) -> status
- * status 0: done; 1: x holds NaN/inf; 2: the scaled keys would overflow x's dtype.
+ * status 0: done; 1: x holds NaN/inf; 2: the scaled keys would overflow float64.
  * On a nonzero status nothing has been written (the caller raises the detailed error).
  */
 static PyObject *soft_forward(PyObject *self, PyObject *args)
@@ -848,8 +855,9 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOppdp|O:soft_forward", &xo, &oo, &po, &bo, &rank, &kl,
                           &eps, &descending, &wo))
         return NULL;
-    if (!(eps > 0.0) || !isfinite(eps)) {
-        PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
+    if (!(eps > 0.0) || !isfinite(eps) || !isfinite(1.0 / eps)) {
+        PyErr_Format(PyExc_ValueError,
+                     "eps must be finite and > 0 with a finite reciprocal, got %R",
                      PyTuple_GET_ITEM(args, 6));
         return NULL;
     }
@@ -898,31 +906,20 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
     wk.ka = PyMem_RawMalloc(2 * sz * sizeof(uint64_t));
     wk.ia = PyMem_RawMalloc(2 * sz * sizeof(uint32_t));
     wk.start = PyMem_RawMalloc(sz * sizeof(Py_ssize_t));
-    wk.acc_a = PyMem_RawMalloc(8 * sz * sizeof(double));
-    wk.gpow = kl ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
-    wk.rel = held_w ? PyMem_RawMalloc(sz * sizeof(double)) : NULL;
-    wk.anchor = held_w ? PyMem_RawMalloc(sz * sizeof(Py_ssize_t)) : NULL;
-    if (held_w && (!wk.rel || !wk.anchor)) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !wk.gpow)) {
+    wk.acc_a = PyMem_RawMalloc(4 * sz * sizeof(double));
+    wk.gpow = kl && !rank ? PyMem_RawMalloc(2 * (sz + 1) * sizeof(double)) : NULL;
+    if (!wk.ka || !wk.ia || !wk.start || !wk.acc_a || (kl && !rank && !wk.gpow)) {
         PyErr_NoMemory();
         goto done;
     }
     wk.kb = wk.ka + sz;
     wk.ib = wk.ia + sz;
     wk.acc_b = wk.acc_a + sz;
-    wk.value = wk.acc_a + 2 * sz;
-    wk.u = wk.acc_a + 3 * sz;
-    wk.y = wk.acc_a + 4 * sz;
-    wk.ratio = wk.acc_a + 5 * sz;
-    wk.ratio2 = wk.acc_a + 6 * sz;
-    wk.ex = wk.acc_a + 7 * sz;
-    if (kl) {
+    wk.u = wk.acc_a + 2 * sz;
+    wk.ex = wk.acc_a + 3 * sz;
+    if (kl && !rank) {
         wk.gsum = wk.gpow + (sz + 1);
-        /* the arithmetic side: rho (step 1) for rank, rho / eps for sort */
-        wk.gq = exp(rank ? -1.0 : -1.0 / eps);
+        wk.gq = exp(-1.0 / eps); /* the arithmetic side rho / eps */
         wk.glen = 0;
     }
     {
@@ -955,7 +952,8 @@ static PyObject *soft_forward(PyObject *self, PyObject *args)
             }
         }
         if (status == 0) {
-            const double limit = (fx == FMT_F64 ? DBL_MAX : (double)FLT_MAX) / 8.0;
+            /* keys are formed in double whatever x's dtype */
+            const double limit = DBL_MAX / 8.0;
             const double scaled = rank ? max_abs / eps
                                        : fmax((double)n / eps, max_abs);
             if (!(scaled < limit))
@@ -983,8 +981,6 @@ done:
     PyMem_RawFree(wk.start);
     PyMem_RawFree(wk.acc_a);
     PyMem_RawFree(wk.gpow);
-    PyMem_RawFree(wk.rel);
-    PyMem_RawFree(wk.anchor);
     if (held_w)
         PyBuffer_Release(&wb);
     if (held >= 4)
@@ -1007,8 +1003,9 @@ static PyObject *soft_backward(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOOOppdp|O:soft_backward", &xo, &po, &bo, &go, &dxo,
                           &rank, &kl, &eps, &descending, &wo))
         return NULL;
-    if (!(eps > 0.0) || !isfinite(eps)) {
-        PyErr_Format(PyExc_ValueError, "eps must be finite and > 0, got %R",
+    if (!(eps > 0.0) || !isfinite(eps) || !isfinite(1.0 / eps)) {
+        PyErr_Format(PyExc_ValueError,
+                     "eps must be finite and > 0 with a finite reciprocal, got %R",
                      PyTuple_GET_ITEM(args, 7));
         return NULL;
     }
@@ -1088,11 +1085,11 @@ static PyObject *soft_backward(PyObject *self, PyObject *args)
             if (fx == FMT_F64)
                 soft_vjp_f64((const double *)xb.buf + r * n, p, b,
                              (const double *)gb.buf + r * n, (double *)db.buf + r * n, n,
-                             rank, kl, a, scratch, w);
+                             rank, kl, eps, a, scratch, w);
             else
                 soft_vjp_f32((const float *)xb.buf + r * n, p, b,
                              (const float *)gb.buf + r * n, (float *)db.buf + r * n, n,
-                             rank, kl, a, scratch, w);
+                             rank, kl, eps, a, scratch, w);
         }
         Py_END_ALLOW_THREADS
     }
@@ -1277,7 +1274,7 @@ static PyMethodDef pav_methods[] = {
      "Soft rank (rank=True) or soft sort of every row of x (2-D, C-contiguous float32/\n"
      "float64): sort, isotonic pass and output in one call. Writes out (x's dtype), the\n"
      "row-wise order perm and the block starts (int64). Returns 0, or 1 (x holds NaN/inf)\n"
-     "or 2 (the scaled values overflow x's dtype) with nothing written. For kl, a float64\n"
+     "or 2 (the scaled values overflow float64) with nothing written. For kl, a float64\n"
      "weights array receives each element's softmax weight within its block."},
     {"soft_backward", soft_backward, METH_VARARGS,
      "soft_backward(x, perm, block, g, dx, rank, kl, eps, descending, weights=None)\n--\n\n"

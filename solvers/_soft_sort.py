@@ -58,9 +58,39 @@ def _numpy(values, op: str, fn: str, regularization, strength, direction):
 _adapters = {}  # framework -> entry point, imported on first use (an import costs ~1 us)
 
 
-def _dispatch(values, op, fn, regularization, regularization_strength, direction):
+def _positional_error(fn: str, args: tuple) -> TypeError:
+    """Options passed positionally: torchsort's order is (regularization, strength),
+    fast-soft-sort's (direction, strength, regularization), so a positional call means
+    different things to their users. Refuse it and spell out the keyword call."""
+    named = {}
+    for arg in args:
+        low = arg.lower() if isinstance(arg, str) else None
+        if low in _core.REGULARIZATIONS and "regularization" not in named:
+            named["regularization"] = low
+        elif low in _core.DIRECTIONS and "direction" not in named:
+            named["direction"] = low
+        elif (isinstance(arg, (int, float)) and not isinstance(arg, bool)
+              and "regularization_strength" not in named):
+            named["regularization_strength"] = arg
+        else:
+            named = None
+            break
+    if named:
+        call = ", ".join(f"{k}={v!r}" for k, v in named.items())
+    else:
+        call = "regularization='l2', regularization_strength=1.0, direction='ascending'"
+    return TypeError(
+        f"{fn} takes its options by keyword only, got {len(args)} positional "
+        f"({', '.join(repr(a) for a in args)}); torchsort and fast-soft-sort order them "
+        f"differently, so write {fn}(values, {call})")
+
+
+def _dispatch(values, args, op, fn, regularization, regularization_strength, direction):
+    if args:
+        raise _positional_error(fn, args)
     kind = _framework(values)
-    strength = _core.check_options(regularization, regularization_strength, direction)
+    regularization, strength, direction = _core.check_options(
+        regularization, regularization_strength, direction)
     if kind == "numpy":
         return _numpy(values, op, fn, regularization, strength, direction)
     if kind == "torch":
@@ -77,19 +107,24 @@ def _dispatch(values, op, fn, regularization, regularization_strength, direction
                               strength=strength, descending=direction == "descending")
 
 
-def soft_sort(values, *, regularization: str = "l2", regularization_strength: float = 1.0,
+def soft_sort(values, *args, regularization: str = "l2", regularization_strength: float = 1.0,
               direction: str = "ascending"):
     """Differentiable sort along the last axis (Blondel et al., ICML 2020).
 
     The projection of ``rho / eps`` (``rho = (n, ..., 1)``) onto the permutahedron of
     ``values``: Euclidean for ``regularization="l2"`` (the output keeps the sum of
-    ``values``), entropic for ``"kl"``. A strength ``eps > 0`` with ``eps * gap < 1``
-    for every gap between neighbouring sorted values returns the hard sort exactly;
-    large values pull the output towards the mean (L2) or the log-mean-exp (KL). Any number of leading batch axes.
+    ``values``), entropic for ``"kl"`` (``log`` of the KL projection of ``e^{rho/eps}``
+    onto the permutahedron of ``e^values``). The output lies between ``min(values)`` and
+    ``max(values)``. A strength ``eps > 0`` with ``eps * gap < 1`` for every gap between
+    neighbouring sorted values returns the hard sort exactly; large values pull the
+    output towards the mean (L2) or the log-mean-exp (KL). Any number of leading batch
+    axes. Options are keyword-only and case-insensitive (``"KL"``, ``"DESCENDING"``).
+
     Returns the input's array type: NumPy, torch (a differentiable
     ``torch.ops.nonsmooth.soft_sort_rank`` custom op) or jax (``custom_jvp``).
-    float16/bfloat16 are computed in float32. CUDA tensors make a host round trip for
-    the sort and the isotonic pass; the backward runs on the device.
+    float16/bfloat16 are computed in float32; everything inside is float64, so ties stay
+    exactly tied at any ``|values| / eps``. CUDA tensors make a host round trip for the
+    sort and the isotonic pass; the backward runs on the device.
 
     Example:
         >>> import numpy as np
@@ -99,21 +134,25 @@ def soft_sort(values, *, regularization: str = "l2", regularization_strength: fl
         >>> soft_sort(np.array([3.0, 1.0, 2.0]), regularization_strength=2.0)
         array([1.5, 2. , 2.5])
     """
-    return _dispatch(values, "sort", "soft_sort", regularization, regularization_strength,
-                     direction)
+    return _dispatch(values, args, "sort", "soft_sort", regularization,
+                     regularization_strength, direction)
 
 
-def soft_rank(values, *, regularization: str = "l2", regularization_strength: float = 1.0,
+def soft_rank(values, *args, regularization: str = "l2", regularization_strength: float = 1.0,
               direction: str = "ascending"):
     """Differentiable ranks along the last axis (rank 1 = smallest when ascending).
 
-    The projection of ``values / eps`` onto the permutahedron of ``(n, ..., 1)``
-    (Euclidean for ``"l2"``, entropic for ``"kl"``). L2 ranks always sum to
-    ``n (n + 1) / 2`` (KL: ``exp(ranks)`` sums to ``e + ... + e^n``); ``eps`` below the
-    smallest gap between distinct values gives the hard ranks exactly, large ``eps``
-    gives ``(n + 1) / 2`` everywhere (L2). Tied values get equal ranks (L2: the average
-    rank). Same array types, batching, dtypes and device notes as
-    :func:`soft_sort`.
+    With ``z = values / eps`` (``-values / eps`` descending) and ``rho = (n, ..., 1)``:
+    ``"l2"`` is the Euclidean projection of ``z`` onto the permutahedron of ``rho``;
+    ``"kl"`` is the paper's entropic soft rank ``argmin_{mu in P(rho)} KL(mu, e^z)``
+    ``= exp(P_E(z, log rho))``, the operator of fast-soft-sort and torchsort. Both lie in
+    the permutahedron: entries in ``[1, n]`` summing to ``n (n + 1) / 2``, ``(n + 1) / 2``
+    everywhere for large ``eps``. The hard ranks come out exactly once
+    ``eps < gap`` (L2) or ``eps < gap / log((k + 1) / k)`` (KL, ``k`` the lower rank) for
+    every gap between neighbouring sorted values; ``eps`` below the smallest gap is
+    enough for both. Tied values get exactly equal ranks at any ``|values| / eps`` (in
+    the hard limit the average rank). Same array types, batching, dtypes, device notes
+    and keyword-only, case-insensitive options as :func:`soft_sort`.
 
     Example:
         >>> import numpy as np
@@ -123,6 +162,8 @@ def soft_rank(values, *, regularization: str = "l2", regularization_strength: fl
         >>> soft_rank(np.array([[3.0, 1.0, 2.0]]), direction="descending",
         ...           regularization_strength=0.1)
         array([[1., 3., 2.]])
+        >>> soft_rank(np.array([3.0, 3.0, 1.0]), regularization="KL")
+        array([2.5, 2.5, 1. ])
     """
-    return _dispatch(values, "rank", "soft_rank", regularization, regularization_strength,
-                     direction)
+    return _dispatch(values, args, "rank", "soft_rank", regularization,
+                     regularization_strength, direction)

@@ -4,23 +4,30 @@ Blondel, Teboul, Berthet, Djolonga (ICML 2020). With ``rho = (n, n-1, ..., 1)`` 
 strength ``eps``, both operators are projections onto a permutahedron, and each projection
 is one sort plus one non-increasing isotonic regression (PAV) in sorted coordinates:
 
-* rank (ascending, rank 1 = smallest): project ``z = x / eps`` onto ``P(rho)``;
-  ``s = z`` sorted descending, ``w = rho``.
-* sort (descending): project ``rho / eps`` onto ``P(x)``; ``s = rho / eps``,
-  ``w = x`` sorted descending. Ascending sort is ``-sort_desc(-x)``; descending rank
-  uses ``z = -x / eps``.
+* rank (ascending, rank 1 = smallest), with ``z = x / eps``:
+  L2: ``argmin_{mu in P(rho)} |mu - z|^2``; KL: ``argmin_{mu in P(rho)} KL(mu, e^z)``
+  ``= exp(P_E(z, log rho))``, the paper's and the reference implementations' KL soft rank
+  (entries in ``[1, n]``, sum ``n(n+1)/2``). ``s = z`` sorted descending; ``w = rho`` (L2)
+  or ``log rho`` (KL).
+* sort (descending): L2 projects ``rho / eps`` onto ``P(x)``; KL is
+  ``log argmin_{mu in P(e^x)} KL(mu, e^{rho/eps})``. ``s = rho / eps``, ``w = x`` sorted
+  descending. Ascending sort is ``-sort_desc(-x)``; descending rank uses ``z = -x / eps``.
 
 L2: ``v = iso(s - w)``; KL: ``v = iso_kl(s, w)`` (block value
-``logsumexp(s_B) - logsumexp(w_B)``). The output in sorted coordinates is ``s - v``,
-computed as ``w + ((s - w) - v)`` so that every singleton block returns its ``w``
-*exactly*: hard ranks once ``eps`` is below the smallest gap of ``x``, the hard sort
-once ``eps`` times the largest gap is below 1.
+``logsumexp(s_B) - logsumexp(w_B)``). The output in sorted coordinates is ``s - v``
+(KL rank: ``exp(s - v)``). It is never formed that way: every block is anchored at its
+first key and the arithmetic side (``rho``, ``log rho``, ``rho / eps``) enters in closed
+form, so ties stay exactly tied and singletons return ``w`` exactly at any ``|x| / eps``
+(the block formulas are in ``_pav.c``, :func:`_soft_pav_row` mirrors them).
 
 Every case is described by one coefficient ``alpha`` with ``u = alpha * x[perm]`` the
-descending-sorted "logits" (``u = s`` for rank, ``u = w`` for sort). Inside a block
-``B`` let ``p_B`` be ``1/|B|`` (L2) or ``softmax(u_B)`` (KL). Then, in sorted coordinates,
+descending-sorted keys (``u = s`` for rank, ``u = w`` for sort). Inside a block ``B``
+let ``p_B`` be ``1/|B|`` (L2) or ``softmax(u_B)`` (KL), and ``S_B = sum_B rho``. Then,
+in sorted coordinates,
 
-* rank: ``d out = alpha * (I - 1 p_B^T) dx[perm]`` per block,
+* L2 rank: ``d out = alpha (I - 1 p_B^T) dx[perm]`` per block,
+* KL rank: ``d out = alpha S_B (diag(p_B) - p_B p_B^T) dx[perm]`` (the derivative of
+  ``exp(s - v)``: ``diag(out) (I - 1 p_B^T)`` with ``out_B = S_B p_B``; symmetric),
 * sort: ``d out = 1 p_B^T dx[perm]`` per block (the signs of ascending sort cancel).
 
 For KL soft sort the weights are the softmax over the block of the *sorted values*
@@ -30,32 +37,49 @@ all a backward pass needs besides ``x``.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-import threading
+import sys
 
 import numpy as np
 
-from ._isotonic import _ext, pav_rows
+from ._isotonic import _ext
 
 REGULARIZATIONS = ("l2", "kl")
 DIRECTIONS = ("ascending", "descending")
 OPS = ("sort", "rank")
+# ~5.6e-309: 1 / strength stays finite. A Python float, which torch.compile can guard on.
+_MIN_STRENGTH = 1.0 / sys.float_info.max
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def check_options(regularization, regularization_strength, direction) -> float:
-    """Validate the keyword options shared by every backend; return the strength as float."""
-    if not isinstance(regularization, str) or regularization not in REGULARIZATIONS:
-        raise ValueError(
-            f"regularization must be 'l2' or 'kl', got {regularization!r}"
-        )
-    if not isinstance(direction, str) or direction not in DIRECTIONS:
-        raise ValueError(
-            f"direction must be 'ascending' or 'descending', got {direction!r}"
-        )
+def _choice(name: str, value, accepted) -> str:
+    """``value`` lower-cased if it is one of ``accepted`` in any case (fast-soft-sort
+    writes ``"DESCENDING"``), else a ValueError quoting it, with the closest spelling."""
+    if isinstance(value, str):
+        low = value.lower()
+        if low in accepted:
+            return low
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower(), accepted, n=1, cutoff=0.5)
+        if close:
+            hint = f"; did you mean {name}={close[0]!r}?"
+    raise ValueError(f"{name} must be " + " or ".join(repr(a) for a in accepted)
+                     + f" (any case), got {value!r}{hint}")
+
+
+def check_options(regularization, regularization_strength, direction):
+    """Validate the keyword options shared by every backend.
+
+    Returns ``(regularization, strength, direction)``: the names lower-cased (``"KL"`` and
+    ``"DESCENDING"`` are accepted) and the strength as a Python float.
+    """
+    regularization = _choice("regularization", regularization, REGULARIZATIONS)
+    direction = _choice("direction", direction, DIRECTIONS)
     strength = regularization_strength
     if isinstance(strength, (bool, np.bool_)) or not isinstance(strength, numbers.Real):
         raise TypeError(
@@ -68,7 +92,12 @@ def check_options(regularization, regularization_strength, direction) -> float:
             "regularization_strength must be a finite number > 0 (it divides the "
             f"input; use a small value such as 1e-3 for nearly hard output), got {strength!r}"
         )
-    return strength
+    if strength < _MIN_STRENGTH:
+        raise ValueError(
+            f"regularization_strength must be at least {_MIN_STRENGTH!r} (its reciprocal, "
+            f"the Jacobian's scale, must be a finite float64), got {strength!r}"
+        )
+    return regularization, strength, direction
 
 
 def check_finite_rows(x2: np.ndarray, name: str = "values") -> float:
@@ -88,15 +117,16 @@ def check_finite_rows(x2: np.ndarray, name: str = "values") -> float:
 
 
 def check_scale(max_abs: float, n: int, dtype, *, op: str, strength: float) -> None:
-    """Refuse inputs whose scaled keys would overflow to inf (and then NaN) in ``dtype``."""
-    limit = float(np.finfo(dtype).max) / 8.0  # room for s - w and the block sums
+    """Refuse inputs whose scaled keys would overflow float64 (the kernels form them in
+    float64 whatever ``dtype``; ``dtype`` is kept for the signature)."""
+    limit = float(np.finfo(np.float64).max) / 8.0  # room for key differences and sums
     if op == "rank":
         scaled, what = max_abs / strength, "max |values| / regularization_strength"
     else:
         scaled, what = max(n / strength, max_abs), "n / regularization_strength"
     if not scaled < limit:
         raise ValueError(
-            f"{what} = {scaled!r} overflows {np.dtype(dtype).name}; rescale values or use "
+            f"{what} = {scaled!r} overflows float64; rescale values or use "
             f"a larger regularization_strength (got {strength!r})"
         )
 
@@ -110,36 +140,6 @@ def alpha(op: str, strength: float, descending: bool) -> float:
 
 
 # --------------------------------------------------------------------------- forward
-
-
-def _rho(n: int, dtype) -> np.ndarray:
-    return np.arange(n, 0, -1, dtype=dtype)
-
-
-# Scratch arrays reused across calls (per thread). Large temporaries freed on every
-# call make glibc return the memory to the OS and page-fault it back the next time,
-# which measured here at up to half the cost of a forward pass. Results handed to the
-# caller are always fresh arrays; only internal temporaries live here.
-_SCRATCH_MAX_BYTES = 64 << 20
-_tls = threading.local()
-
-
-def _scratch(name: str, shape, dtype) -> np.ndarray:
-    if shape[0] * shape[-1] < 1 << 15:  # small: malloc is cheap and never page-faults
-        return np.empty(shape, dtype)
-    cache = getattr(_tls, "buffers", None)
-    if cache is None:
-        cache = _tls.buffers = {}
-    dtype = np.dtype(dtype)
-    size = math.prod(shape)
-    buf = cache.get(name)
-    if buf is None or buf.dtype != dtype or buf.size < size:
-        cache.pop(name, None)
-        held = sum(b.nbytes for b in cache.values())
-        buf = np.empty(size, dtype)
-        if held + buf.nbytes <= _SCRATCH_MAX_BYTES:
-            cache[name] = buf
-    return buf[:size].reshape(shape)
 
 
 def _order_rows(x2: np.ndarray, *, descending: bool) -> np.ndarray:
@@ -176,47 +176,6 @@ def _order_rows(x2: np.ndarray, *, descending: bool) -> np.ndarray:
     packed.sort(axis=-1)
     packed &= np.uint64((1 << ibits) - 1)
     return packed.view(np.int64)
-
-
-def _rows_of(a: np.ndarray, shape, name: str) -> np.ndarray:
-    """``a`` as a C-contiguous (rows, n) array: a 1-D row is tiled into scratch."""
-    if a.ndim == 2:
-        return a
-    buf = _scratch(name, shape, a.dtype)
-    buf[...] = a
-    return buf
-
-
-def _resolve_pooled_sort(y, w, block, *, regularization: str, strength: float) -> None:
-    """Recompute soft sort on pooled blocks without forming ``rho / eps - w``.
-
-    When ``n / eps`` dwarfs the values, ``s - w`` keeps only the top bits of ``w``. On a
-    block ``B = [a, a + L)`` the exact output is ``mean_B(w) + (a + (L - 1)/2 - i)/eps``
-    (L2) or ``lse_B(w) - (i - a)/eps - log(1 - e^(-L/eps)) + log(1 - e^(-1/eps))`` (KL):
-    ``s`` is an arithmetic sequence, so its block mean / logsumexp has a closed form.
-    Written into ``y`` in place, in float64, for the pooled elements only.
-    """
-    rows, n = y.shape
-    start = block == np.arange(n, dtype=block.dtype)
-    last = np.empty_like(start)
-    last[:, :-1] = start[:, 1:]
-    last[:, -1] = True
-    members = np.flatnonzero(~(start & last))
-    if len(members) == 0:
-        return
-    starts, counts = _segments(start.reshape(-1)[members])
-    length = np.repeat(counts, counts).astype(np.float64)
-    offset = (members % n - block.reshape(-1)[members]).astype(np.float64)  # i - a
-    wm = w.reshape(-1)[members].astype(np.float64)
-    if regularization == "l2":
-        base = np.repeat(np.add.reduceat(wm, starts) / counts, counts)
-        out = base + ((length - 1.0) / 2.0 - offset) / strength
-    else:
-        top = np.repeat(wm[starts], counts)  # w sorted descending: the block maximum
-        lse = top + np.log(np.repeat(np.add.reduceat(np.exp(wm - top), starts), counts))
-        out = (lse - offset / strength - np.log(-np.expm1(-length / strength))
-               + math.log(-math.expm1(-1.0 / strength)))
-    y.reshape(-1)[members] = out
 
 
 # The fused C kernels (one call per forward, one per backward); None without the build.
@@ -274,9 +233,109 @@ def forward_rows(x2: np.ndarray, *, op: str, regularization: str, strength: floa
                                descending=descending)
 
 
+def signed_sorted(x2: np.ndarray, perm: np.ndarray, *, op: str, strength: float,
+                  descending: bool) -> np.ndarray:
+    """``v = sign * x[perm]`` in float64 (descending along rows), with ``u = v / eps``
+    (rank) or ``u = v`` (sort). The kernels never form ``u`` itself, only differences
+    :func:`key_diff` of it, which stay accurate at any ``|x| / eps``."""
+    v = np.take_along_axis(x2, perm, axis=-1).astype(np.float64)
+    if alpha(op, strength, descending) < 0:
+        np.negative(v, out=v)
+    return v
+
+
+def key_diff(va, vb, *, rank: bool, strength: float):
+    """``u_a - u_b`` from signed inputs (arrays or floats), as ``kdiff`` in ``_pav.c``."""
+    d = va - vb
+    if not rank:
+        return d
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = d / strength
+        if np.any(np.isinf(d)):  # |x| near the float64 maximum: rescale first
+            q = np.where(np.isinf(d), va / strength - vb / strength, q)
+    return q
+
+
+def _rho_sum(n: int, a: int, length: int) -> float:
+    """``sum_{j=a}^{a+length-1} (n - j)``, as ``rho_sum`` in ``_pav.c``."""
+    return float(length) * float(n - a) - 0.5 * float(length) * float(length - 1)
+
+
+def _soft_pav_row(v: list, *, rank: bool, kl: bool, strength: float, geo: list):
+    """Blocks of one row, by the same decisions as ``soft_row`` in ``_pav.c``.
+
+    ``v``: the signed inputs sorted descending (floats). Returns ``(starts, stats,
+    shared)``: each block's start and statistic (L2: mean of ``u - u_start``; KL:
+    ``sum exp(u - anchor)``, the anchor being the block's first key or, when ``shared``,
+    the row's first key). Adjacent blocks are compared through key differences and closed
+    forms of the arithmetic side (see the module docstring), never through ``s - w``.
+    """
+    n = len(v)
+    eps = strength
+
+    def kd(a, b):
+        d = v[a] - v[b]
+        if not rank:
+            return d
+        return v[a] / eps - v[b] / eps if math.isinf(d) else d / eps
+
+    starts, ms = [], []
+    shared = kl and kd(0, n - 1) < 600.0
+    log, exp = math.log, math.exp
+    for i in range(n):
+        s = i
+        if not kl:
+            m = 0.0
+            while starts:
+                s1 = starts[-1]
+                big_l = float(i + 1 - s1)
+                d = kd(s1, s) + (ms[-1] - m)
+                if not (d <= 0.5 * big_l if rank else 0.5 * big_l / eps <= d):
+                    break
+                starts.pop()
+                m = ms.pop() - d * (float(i + 1 - s) / big_l)
+                s = s1
+            starts.append(s)
+            ms.append(m)
+            continue
+        sd = exp(kd(i, 0)) if shared else 1.0
+        while starts:
+            s1 = starts[-1]
+            l1, l2 = s - s1, i + 1 - s
+            dm = 0.0 if shared else kd(s1, s)
+            if rank:
+                p, q, d = sd * _rho_sum(n, s1, l1), ms[-1] * _rho_sum(n, s, l2), dm
+            else:
+                p, q, d = geo[l2] * ms[-1], geo[l1] * sd, l1 / eps - dm
+            if not (q <= p if shared and rank else d <= log(p / q)):
+                break
+            starts.pop()
+            top = ms.pop()
+            sd = top + sd if shared else top + sd * exp(-dm)
+            s = s1
+        starts.append(s)
+        ms.append(sd)
+    return starts, ms, shared
+
+
+def _geo_sums(n: int, strength: float) -> list:
+    """``G(L) = sum_{k<L} e^{-k/eps}`` for L = 0..n, accumulated as ``geo_sum`` in ``_pav.c``."""
+    q = math.exp(-1.0 / strength)
+    out, power, total = [0.0, 1.0], 1.0, 1.0
+    for _ in range(2, n + 1):
+        power *= q
+        total += power
+        out.append(total)
+    return out
+
+
 def _forward_rows_numpy(x2: np.ndarray, *, op: str, regularization: str, strength: float,
                         descending: bool):
-    """The NumPy forward (fallback without the C build, and a second implementation)."""
+    """The NumPy forward (fallback without the C build, and a second implementation).
+
+    Sorting and the output assembly are vectorized; the PAV pass is a Python loop per row
+    (:func:`_soft_pav_row`), so this is the slow path. All arithmetic is float64.
+    """
     rows, n = x2.shape
     dtype = x2.dtype
     if rows == 0:
@@ -284,45 +343,53 @@ def _forward_rows_numpy(x2: np.ndarray, *, op: str, regularization: str, strengt
         return np.empty((0, n), dtype=dtype), empty, empty.copy()
     a = alpha(op, strength, descending)
     perm = _order_rows(x2, descending=a > 0)
-    flat = np.add(perm, np.arange(0, rows * n, n, dtype=np.int64)[:, None],
-                  out=_scratch("flat", x2.shape, np.int64))
-    u = np.take(x2.reshape(-1), flat, out=_scratch("u", x2.shape, dtype))
-    if a != 1.0:
-        u *= dtype.type(a)
+    v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
     # The packed sort orders float64 values that agree in their top 64 - log2(n) bits
     # by index; verify and redo the (rare) rows where that broke the order.
-    if dtype == np.float64 and n > 1:
-        bad = np.less(u[:, :-1], u[:, 1:], out=_scratch("bad", (rows, n - 1), np.bool_))
-        for r in np.flatnonzero(bad.any(axis=1)):
-            perm[r] = np.argsort(-a * x2[r], kind="stable")
-            flat[r] = perm[r] + r * n
-            u[r] = a * x2[r, perm[r]]
-    rho = _rho(n, dtype)
-    # The result is built in place in y: fresh for sort (it is the output), scratch for
-    # rank (it is scattered into a fresh output).
-    y = np.empty_like(x2) if op == "sort" else _scratch("y", x2.shape, dtype)
-    if op == "rank":
-        s, w = u, rho
-        np.subtract(u, rho, out=y)
+    if n > 1:
+        for r in np.flatnonzero((v[:, :-1] < v[:, 1:]).any(axis=1)):
+            perm[r] = np.argsort(-a * x2[r].astype(np.float64), kind="stable")
+            v[r] = signed_sorted(x2[r:r + 1], perm[r:r + 1], op=op, strength=strength,
+                                 descending=descending)[0]
+    rank, kl = op == "rank", regularization == "kl"
+    geo = _geo_sums(n, strength) if kl and not rank else None
+    lq1 = math.log(-math.expm1(-1.0 / strength)) if kl and not rank else 0.0
+    out_s = np.empty((rows, n))
+    block = np.empty((rows, n), dtype=np.int64)
+    j = np.arange(n)
+    for r in range(rows):
+        vr = v[r]
+        starts, ms, shared = _soft_pav_row(vr.tolist(), rank=rank, kl=kl,
+                                           strength=strength, geo=geo)
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.diff(np.append(starts, n))
+        start = np.repeat(starts, lengths)
+        length = np.repeat(lengths, lengths).astype(np.float64)
+        stat = np.repeat(np.asarray(ms), lengths)
+        offset = (j - start).astype(np.float64)
+        half = 0.5 * (length - 1.0)
+        anchor = start if not (kl and shared) else np.zeros_like(start)
+        du = key_diff(vr, vr[anchor], rank=rank, strength=strength)  # u_j - u_anchor
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            if not kl:
+                res = (((n - start) - half) + (du - stat) if rank
+                       else (vr[start] + stat) + (half - offset) / strength)
+            elif rank:
+                res = np.exp(du) * (length * (n - start) - 0.5 * length
+                                    * (length - 1.0)) / stat
+            else:
+                res = (vr[anchor] + np.log(stat)
+                       - (np.log(-np.expm1(-length / strength)) - lq1) - offset / strength)
+        single = length == 1.0
+        res[single] = (n - j[single]) if rank else vr[single]
+        lo, hi = (1.0, float(n)) if rank else (vr[-1], vr[0])
+        out_s[r] = np.clip(res, lo, hi)
+        block[r] = start
+    out = np.empty((rows, n), dtype=dtype)
+    if rank:
+        np.put_along_axis(out, perm, out_s.astype(dtype), axis=-1)
     else:
-        s, w = rho / dtype.type(strength), u
-        np.subtract(s, u, out=y)
-    if regularization == "l2":
-        v, block = pav_rows(y, kind="l2", check_finite=False)
-    else:
-        v, block = pav_rows(_rows_of(s, x2.shape, "s"), _rows_of(w, x2.shape, "w"),
-                            kind="kl", check_finite=False)
-    # w + ((s - w) - v): a singleton block has v == s - w bit for bit, so it returns w.
-    y -= v
-    y += w
-    if op == "sort" and n > 1 and n / strength > 16.0 * max(
-            float(np.abs(u[:, 0]).max()), float(np.abs(u[:, -1]).max())):
-        _resolve_pooled_sort(y, u, block, regularization=regularization, strength=strength)
-    if op == "rank":
-        out = np.empty_like(x2)
-        out.reshape(-1)[flat.reshape(-1)] = y.reshape(-1)
-    else:
-        out = y if a > 0 else np.negative(y, out=y)
+        out[...] = out_s if a > 0 else -out_s
     return out, perm, block
 
 
@@ -347,11 +414,18 @@ def block_weights(x2: np.ndarray, perm: np.ndarray, block: np.ndarray, *, op: st
     if regularization == "l2":
         counts = np.bincount(ids, minlength=block.size)[ids].reshape(block.shape)
         return 1.0 / counts
-    a = alpha(op, strength, descending)
-    u = a * np.take_along_axis(x2.astype(np.float64), perm, axis=-1)
-    # u is sorted descending, so a block's first entry is its maximum: exp never overflows.
-    e = np.exp(u - np.take_along_axis(u, block, axis=-1))
+    v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
+    # u - u_first <= 0 (u is sorted descending): exp never overflows.
+    e = np.exp(key_diff(v, np.take_along_axis(v, block, axis=-1), rank=op == "rank",
+                        strength=strength))
     return e / _segsum_bcast(e, ids)
+
+
+def block_rho_sums(block: np.ndarray) -> np.ndarray:
+    """``S_B = sum_B rho`` broadcast to every member (sorted coordinates), float64."""
+    rows, n = block.shape
+    rho = np.broadcast_to(np.arange(n, 0, -1, dtype=np.float64), block.shape)
+    return _segsum_bcast(rho, _segment_ids(block))
 
 
 def jvp_rows(x2, perm, block, t2, *, op, regularization, strength, descending):
@@ -363,7 +437,10 @@ def jvp_rows(x2, perm, block, t2, *, op, regularization, strength, descending):
     if op == "sort":
         return _segsum_bcast(p * ts, ids)
     a = alpha(op, strength, descending)
-    out_s = a * (ts - _segsum_bcast(p * ts, ids))
+    if regularization == "l2":
+        out_s = a * (ts - _segsum_bcast(p * ts, ids))
+    else:
+        out_s = a * block_rho_sums(block) * p * (ts - _segsum_bcast(p * ts, ids))
     out = np.empty_like(out_s)
     np.put_along_axis(out, perm, out_s, axis=-1)
     return out
@@ -378,21 +455,25 @@ def _segments(start_flags: np.ndarray):
     return starts, counts
 
 
-def _pooled_vjp(gs, u, start_flags, *, op, regularization):
+def _pooled_vjp(gs, u, pos, start_flags, n, *, op, regularization):
     """``J_s^T gs`` restricted to whole blocks (sorted coordinates), rank's alpha excluded.
 
-    ``u`` (float64, sorted descending within blocks) is only read for KL.
+    ``u`` (float64 ``u - u_first`` per element, <= 0) is only read for KL; ``pos``
+    holds each element's sorted position (KL rank's ``S_B``).
     """
     starts, counts = _segments(start_flags)
-    sums = np.add.reduceat(gs, starts, dtype=np.float64)
     if regularization == "l2":
+        sums = np.add.reduceat(gs, starts, dtype=np.float64)
         bc = np.repeat(sums / counts, counts)
         return gs - bc if op == "rank" else bc
-    # u is sorted descending: each block's first entry is its max, so exp <= 1.
-    e = np.exp(u - np.repeat(u[starts], counts))
+    e = np.exp(u)
     e /= np.repeat(np.add.reduceat(e, starts), counts)
-    e *= np.repeat(sums, counts)
-    return gs - e if op == "rank" else e
+    if op == "sort":
+        return e * np.repeat(np.add.reduceat(gs, starts, dtype=np.float64), counts)
+    first = pos[starts].astype(np.float64)
+    rho_sum = counts * (n - first) - 0.5 * counts * (counts - 1.0)
+    dot = np.repeat(np.add.reduceat(e * gs, starts), counts)
+    return np.repeat(rho_sum, counts) * e * (gs - dot)
 
 
 def vjp_rows(x2, perm, block, g2, *, op, regularization, strength, descending, out=None):
@@ -432,35 +513,29 @@ def _vjp_rows_numpy(x2, perm, block, g2, *, op, regularization, strength, descen
     a = alpha(op, strength, descending)
     n_blocks = int(np.count_nonzero(start_mask))
     out = np.empty(size, dtype=x2.dtype)
-    if n_blocks * 2 > size:
-        # Mostly singletons: rank's J_s is 0 on them and sort's the identity.
-        if op == "rank":
-            out[:] = 0
-        else:
-            out[flat] = gs
-        if n_blocks < size:
-            last = np.empty_like(start_mask)
-            last[:, :-1] = start_mask[:, 1:]
-            last[:, -1] = True
-            members = np.flatnonzero(~(start_mask & last))
-            u = None
-            if regularization == "kl":
-                u = np.take(x2.reshape(-1), flat[members]).astype(np.float64) * a
-            r = _pooled_vjp(np.take(gs, members), u, start_mask.reshape(-1)[members], op=op,
-                            regularization=regularization)
-            if op == "rank":
-                r *= a
-            out[flat[members]] = r
+    pos = np.tile(np.arange(n), rows)
+    if op == "rank":
+        out[:] = 0  # rank's J_s is 0 on singletons
+    else:
+        out[flat] = gs  # and sort's the identity
+    if n_blocks == size:
         return out.reshape(rows, n)
+    members = np.arange(size)
+    if n_blocks * 2 > size:  # mostly singletons: gather the pooled blocks only
+        last = np.empty_like(start_mask)
+        last[:, :-1] = start_mask[:, 1:]
+        last[:, -1] = True
+        members = np.flatnonzero(~(start_mask & last))
     u = None
-    if regularization == "kl":
-        u = np.take(x2.reshape(-1), flat).astype(np.float64)
-        if a != 1.0:
-            u *= a
-    r = _pooled_vjp(gs, u, start_mask.reshape(-1), op=op, regularization=regularization)
+    if regularization == "kl":  # u - u_first of each element, in float64
+        v = signed_sorted(x2, perm, op=op, strength=strength, descending=descending)
+        u = key_diff(v, np.take_along_axis(v, block, axis=-1), rank=op == "rank",
+                     strength=strength).reshape(-1)[members]
+    r = _pooled_vjp(np.take(gs, members).astype(np.float64), u, pos[members],
+                    start_mask.reshape(-1)[members], n, op=op, regularization=regularization)
     if op == "rank":
         r *= a
-    out[flat] = r
+    out[flat[members]] = r
     return out.reshape(rows, n)
 
 

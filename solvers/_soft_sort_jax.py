@@ -60,10 +60,23 @@ def _unsort(values_sorted, perm):
 def _block_weights(x, perm, block, op, regularization, strength, descending):
     if regularization == "l2":
         return 1.0 / _segsum_bcast(jnp.ones(block.shape, x.dtype), block)
-    u = _core.alpha(op, strength, descending) * jnp.take_along_axis(x, perm, axis=-1)
-    # u is sorted descending: each block's first entry is its max, so exp cannot overflow.
-    e = jnp.exp(u - jnp.take_along_axis(u, block, axis=-1))
+    xs = jnp.take_along_axis(x, perm, axis=-1)
+    # u_j - u_first = alpha (x_j - x_first) <= 0 (u is sorted descending), formed from the
+    # difference so that ties give exactly 0 and a huge 1/eps gives -inf, never NaN.
+    d = xs - jnp.take_along_axis(xs, block, axis=-1)
+    if op == "rank":
+        d = d / strength
+    if _core.alpha(op, strength, descending) < 0:
+        d = -d
+    e = jnp.exp(d)
     return e / _segsum_bcast(e, block)
+
+
+def _rank_kl_scale(block, dtype):
+    """``S_B = sum_B rho`` per element (sorted coordinates): KL rank's Jacobian factor."""
+    n = block.shape[-1]
+    rho = jnp.broadcast_to(jnp.arange(n, 0, -1, dtype=dtype), block.shape)
+    return _segsum_bcast(rho, block)
 
 
 def _tangent(x, perm, block, t, op, regularization, strength, descending):
@@ -73,7 +86,10 @@ def _tangent(x, perm, block, t, op, regularization, strength, descending):
     if op == "sort":
         return _segsum_bcast(p * ts, block)
     a = _core.alpha(op, strength, descending)
-    return _unsort(a * (ts - _segsum_bcast(p * ts, block)), perm)
+    r = ts - _segsum_bcast(p * ts, block)
+    if regularization == "kl":  # J = a S_B (diag p - p p^T)
+        r = r * p * _rank_kl_scale(block, t.dtype)
+    return _unsort(a * r, perm)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))

@@ -113,11 +113,23 @@ def _block_weights(x, perm, block, *, rank, regularization, strength, descending
     if regularization == "l2":
         ones = torch.ones(block.shape, dtype=dtype, device=block.device)
         return 1.0 / _segsum_bcast(ones, block)
-    a = _core.alpha("rank" if rank else "sort", strength, descending)
-    u = x.gather(-1, perm) * a
-    # u is sorted descending: each block's first entry is its max, so exp cannot overflow.
-    e = torch.exp(u - u.gather(-1, block))
+    xs = x.gather(-1, perm)
+    # u_j - u_first = alpha (x_j - x_first) <= 0 (u is sorted descending), formed from the
+    # difference so that ties give exactly 0 and a huge 1/eps gives -inf, never NaN.
+    d = xs - xs.gather(-1, block)
+    if rank:
+        d = d / strength
+    if _core.alpha("rank" if rank else "sort", strength, descending) < 0:
+        d = -d
+    e = torch.exp(d)
     return e / _segsum_bcast(e, block)
+
+
+def _rank_kl_scale(block, dtype):
+    """``S_B = sum_B rho`` per element (sorted coordinates): KL rank's Jacobian factor."""
+    n = block.shape[-1]
+    rho = torch.arange(n, 0, -1, dtype=dtype, device=block.device).expand(block.shape)
+    return _segsum_bcast(rho.contiguous(), block)
 
 
 def _vjp_torch(x, perm, block, g, *, strength, regularization, rank, descending):
@@ -125,7 +137,11 @@ def _vjp_torch(x, perm, block, g, *, strength, regularization, rank, descending)
                        strength=strength, descending=descending, dtype=g.dtype)
     if rank:
         gs = g.gather(-1, perm)
-        r = (gs - p * _segsum_bcast(gs, block)) * _core.alpha("rank", strength, descending)
+        a = _core.alpha("rank", strength, descending)
+        if regularization == "l2":
+            r = (gs - p * _segsum_bcast(gs, block)) * a
+        else:  # J = a S_B (diag p - p p^T), symmetric
+            r = (gs - _segsum_bcast(p * gs, block)) * p * _rank_kl_scale(block, g.dtype) * a
     else:
         r = p * _segsum_bcast(g, block)
     return torch.zeros_like(r).scatter(-1, perm, r)
@@ -137,7 +153,11 @@ def _jvp_torch(x, perm, block, t, *, strength, regularization, rank, descending)
     ts = t.gather(-1, perm)
     if not rank:
         return _segsum_bcast(p * ts, block)
-    r = (ts - _segsum_bcast(p * ts, block)) * _core.alpha("rank", strength, descending)
+    a = _core.alpha("rank", strength, descending)
+    r = ts - _segsum_bcast(p * ts, block)
+    if regularization == "kl":
+        r = r * p * _rank_kl_scale(block, t.dtype)
+    r = r * a
     return torch.zeros_like(r).scatter(-1, perm, r)
 
 

@@ -1,6 +1,6 @@
 """soft_sort / soft_rank on NumPy arrays against independent oracles: the permutahedron
-projection solved by SciPy (L2 QP, KL convex solve), closed-form limits, float64 finite
-differences for every Jacobian, Hypothesis properties, and bad input."""
+projection (exact for L2, certified for KL: ``_permutahedron_oracle``), closed-form limits,
+float64 finite differences for every Jacobian, Hypothesis properties, and bad input."""
 import itertools
 import subprocess
 import sys
@@ -50,7 +50,7 @@ def test_values_match_the_permutahedron_projection(op, reg, direction, eps):
     for n in (1, 2, 3, 5):
         x = rng.normal(size=n) * 2
         got = OPS[op](x, regularization=reg, regularization_strength=eps, direction=direction)
-        np.testing.assert_allclose(got, oracle(x, reg, eps, direction), atol=2e-6, rtol=1e-6)
+        np.testing.assert_allclose(got, oracle(x, reg, eps, direction), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -62,7 +62,7 @@ def test_pooled_sort_blocks_recomputed_in_closed_form_match_the_projection(reg):
     assert len(set(block[0].tolist())) < len(x)
     for direction in DIRS:
         got = soft_sort(x, regularization=reg, direction=direction)
-        np.testing.assert_allclose(got, soft_sort_oracle(x, reg, 1.0, direction), atol=2e-6)
+        np.testing.assert_allclose(got, soft_sort_oracle(x, reg, 1.0, direction), atol=1e-12)
 
 
 def test_float32_sort_keeps_float32_accuracy_when_rho_over_eps_dwarfs_the_values():
@@ -121,22 +121,35 @@ def test_zero_rows_give_an_empty_result():
 # --------------------------------------------------------------------------- limits
 
 
+def _hard_rank_threshold(x, reg):
+    """The largest strength with exactly hard ranks (closed form): adjacent sorted values
+    at ranks k and k + 1 pool once gap / eps <= 1 (L2) or log((k + 1) / k) (KL)."""
+    gaps = np.diff(np.sort(x))
+    if reg == "l2":
+        return gaps.min()
+    k = np.arange(1, len(x))
+    return np.min(gaps / np.log((k + 1) / k))
+
+
 @pytest.mark.parametrize("reg", REGS)
-def test_rank_is_hard_exactly_once_strength_is_below_the_min_gap(reg):
+def test_rank_is_hard_exactly_below_the_closed_form_threshold(reg):
     rng = np.random.default_rng(2)
     x = rng.permutation(np.arange(12.0)) * 0.25 + rng.normal(size=12) * 1e-3
-    gap = np.min(np.diff(np.sort(x)))
+    eps = _hard_rank_threshold(x, reg)
+    assert eps >= np.min(np.diff(np.sort(x)))  # below the min gap is always hard
     for direction, want in (("ascending", rankdata(x)), ("descending", rankdata(-x))):
-        got = soft_rank(x, regularization=reg, regularization_strength=gap * (1 - 1e-9),
+        thr = _hard_rank_threshold(x if direction == "ascending" else -x, reg)
+        got = soft_rank(x, regularization=reg, regularization_strength=thr * (1 - 1e-9),
                         direction=direction)
         np.testing.assert_array_equal(got, want)
-        # At eps == gap exactly the closest pair sits on the pooling boundary.
-        got = soft_rank(x, regularization=reg, regularization_strength=gap,
+        # At the threshold exactly the closest pair sits on the pooling boundary.
+        got = soft_rank(x, regularization=reg, regularization_strength=thr,
                         direction=direction)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-    # Just above the gap the two closest values are pooled: no longer hard.
-    got = soft_rank(x, regularization=reg, regularization_strength=gap * 1.01)
-    assert not np.array_equal(got, rankdata(x))
+        # Just above it the pair is pooled: no longer hard.
+        got = soft_rank(x, regularization=reg, regularization_strength=thr * 1.01,
+                        direction=direction)
+        assert not np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("reg", REGS)
@@ -157,7 +170,6 @@ def test_sort_is_hard_exactly_once_strength_times_max_gap_is_below_one(reg):
 def test_large_strength_gives_the_constant_means():
     x = np.random.default_rng(4).normal(size=(3, 6))
     n = x.shape[-1]
-    rho = np.arange(1.0, n + 1)
     for direction in DIRS:
         np.testing.assert_allclose(
             soft_rank(x, regularization_strength=1e8, direction=direction), (n + 1) / 2,
@@ -165,10 +177,10 @@ def test_large_strength_gives_the_constant_means():
         np.testing.assert_allclose(
             soft_sort(x, regularization_strength=1e8, direction=direction),
             np.broadcast_to(x.mean(-1, keepdims=True), x.shape), atol=1e-6)
-        # KL: e^output stays in the permutahedron of e^w, so the limit is log-mean-exp.
+        # KL rank lives in P(rho) too: the same limit (n + 1) / 2.
         np.testing.assert_allclose(
             soft_rank(x, regularization="kl", regularization_strength=1e8,
-                      direction=direction), logsumexp(rho) - np.log(n), atol=1e-6)
+                      direction=direction), (n + 1) / 2, atol=1e-6)
     np.testing.assert_allclose(
         soft_sort(x, regularization="kl", regularization_strength=1e8),
         np.broadcast_to(-(logsumexp(-x, -1, keepdims=True) - np.log(n)), x.shape),
@@ -390,10 +402,9 @@ def test_rank_sums_and_sort_sum(x, eps, direction):
     s = soft_sort(x, regularization_strength=eps, direction=direction)
     np.testing.assert_allclose(s.sum(-1), x.sum(-1), rtol=1e-9, atol=1e-9 * np.abs(x).sum())
     rk = soft_rank(x, regularization="kl", regularization_strength=eps, direction=direction)
-    # Rounding of x / eps (the condition number of the map) bounds the agreement.
-    tol = 1e-15 * n * (n + np.abs(x).max() / eps)
-    np.testing.assert_allclose(logsumexp(rk, axis=-1), logsumexp(np.arange(1.0, n + 1)),
-                               rtol=0, atol=tol)
+    # KL rank is in P(rho) as well: the same sum, entries in [1, n] (clamped exactly).
+    np.testing.assert_allclose(rk.sum(-1), n * (n + 1) / 2, rtol=1e-12)
+    assert rk.min() >= 1.0 and rk.max() <= n
 
 
 # --------------------------------------------------------------------------- bad input
@@ -415,8 +426,8 @@ def test_bad_input_gets_clear_errors(f):
             f(np.ones(3, dtype=dtype))
     with pytest.raises(TypeError, match="np.asarray"):
         f([1.0, 2.0])
-    with pytest.raises(ValueError, match="'L2'"):
-        f(x, regularization="L2")
+    with pytest.raises(ValueError, match=r"'l2' or 'kl' \(any case\), got 'L1'"):
+        f(x, regularization="L1")
     with pytest.raises(ValueError, match="'up'"):
         f(x, direction="up")
     for bad in (0.0, -1.0, float("nan"), float("inf")):
@@ -427,6 +438,31 @@ def test_bad_input_gets_clear_errors(f):
             f(x, regularization_strength=bad)
     with pytest.raises(ValueError, match="overflows float64"):
         f(np.array([1e300, -1e300]), regularization_strength=1e-308)
+
+
+@pytest.mark.parametrize("f", [soft_sort, soft_rank])
+def test_peer_spellings_upper_case_accepted_typos_and_positional_options_explained(f):
+    # fast-soft-sort writes direction="DESCENDING"; any case means the same operator.
+    x = np.random.default_rng(14).normal(size=(2, 6))
+    for reg, direction in itertools.product(REGS, DIRS):
+        want = f(x, regularization=reg, direction=direction, regularization_strength=0.4)
+        got = f(x, regularization=reg.upper(), direction=direction.upper(),
+                regularization_strength=0.4)
+        np.testing.assert_array_equal(got, want)
+    # A typo quotes the value and the accepted spelling.
+    with pytest.raises(ValueError, match=r"got 'kll'; did you mean regularization='kl'\?"):
+        f(x, regularization="kll")
+    with pytest.raises(ValueError, match=r"got 'DESCENDNG'; did you mean direction='descending'"):
+        f(x, direction="DESCENDNG")
+    # Positional options (torchsort: regularization, strength; fast-soft-sort: direction,
+    # strength, regularization) are refused with the keyword call spelled out.
+    name = f.__name__
+    with pytest.raises(TypeError, match=rf"write {name}\(values, regularization='kl', "
+                                        r"regularization_strength=0.5\)"):
+        f(x, "kl", 0.5)
+    with pytest.raises(TypeError, match=rf"write {name}\(values, direction='descending', "
+                                        r"regularization_strength=0.1, regularization='l2'\)"):
+        f(x, "DESCENDING", 0.1, "l2")
 
 
 def test_importing_solvers_loads_neither_torch_nor_jax():

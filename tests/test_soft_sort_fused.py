@@ -3,6 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 from scipy.stats import rankdata
 
 from nonsmooth.solvers import _isotonic
@@ -86,19 +87,17 @@ def test_ties_and_signed_zeros_keep_the_input_order():
     np.testing.assert_array_equal(out, rankdata(x, axis=-1))
 
 
-def test_kl_pooling_of_long_blocks_matches_logsumexp():
-    # One block of everything (huge eps): rank value lse(s) - lse(rho), closed form.
-    from scipy.special import logsumexp
+def test_kl_pooling_of_long_blocks_matches_the_closed_form():
+    # One block of everything (huge eps): the KL rank is sum(rho) softmax(x / eps), the
+    # KL projection of e^{x/eps} onto P(rho) when no other constraint is active.
     x = np.random.default_rng(3).normal(size=(1, 500))
     eps = 1e4
-    _, out, perm, block = _fused(x, "rank", "kl", eps, False)
-    assert np.all(block == 0)
-    s = np.sort(x / eps)[:, ::-1]
-    rho = np.arange(500, 0, -1.0)
-    v = logsumexp(s) - logsumexp(rho)
-    want = np.empty_like(x)
-    want[0, perm[0]] = rho + ((s[0] - rho) - v)
-    np.testing.assert_allclose(out, want, rtol=1e-12)
+    for desc in (False, True):
+        _, out, perm, block = _fused(x, "rank", "kl", eps, desc)
+        assert np.all(block == 0)
+        z = (-x if desc else x) / eps
+        want = 500 * 501 / 2 * np.exp(z - logsumexp(z))
+        np.testing.assert_allclose(out, want, rtol=1e-13)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -155,8 +154,9 @@ def test_vjp_against_float64_finite_differences_on_a_large_row():
     t, g = rng.normal(size=(2, 1, 300))
     h = 1e-6
     for op, reg, desc in CASES:
-        # rank pools gaps below eps, sort gaps above 1 / eps: a mix of both here
-        eps = 0.004 if op == "rank" else 50.0
+        # L2 rank pools gaps below eps, KL rank gaps below eps log((k+1)/k), sort gaps
+        # above 1 / eps: a mix of singletons and pooled blocks here
+        eps = {"rank": 0.004 if reg == "l2" else 0.3, "sort": 50.0}[op]
         kw = dict(op=op, regularization=reg, strength=eps, descending=desc)
         _, perm, block = core.forward_checked(x, **kw)
         assert 10 < len(np.unique(block)) < 290  # some pooling happens

@@ -1,5 +1,5 @@
 """soft_sort / soft_rank on torch tensors: the nonsmooth::soft_sort_rank custom op
-(opcheck, gradcheck, gradgradcheck, torch.compile, torch.func), values against the SciPy
+(opcheck, gradcheck, gradgradcheck, torch.compile, torch.func), values against the certified
 projection, gradients against float64 finite differences, dtypes, devices, errors."""
 import itertools
 
@@ -36,7 +36,7 @@ def test_values_match_the_projection_oracle_and_numpy(op, reg, direction):
     oracle = soft_sort_oracle if op == "sort" else soft_rank_oracle
     for r in range(3):
         np.testing.assert_allclose(got[r].numpy(), oracle(x[r].numpy(), reg, 0.7, direction),
-                                   atol=2e-6)
+                                   atol=1e-12)
     np.testing.assert_array_equal(got.numpy(), _f(op, reg, direction)(x.numpy()))
 
 
@@ -78,6 +78,18 @@ def test_torch_compile_fullgraph_matches_eager(op, reg):
     value.backward()
     torch.testing.assert_close(value, loss(x), rtol=0, atol=0)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_with_peer_spellings():
+    # fast-soft-sort's upper-case options trace like the lower-case ones.
+    f = lambda x: soft_rank(x, regularization="KL", direction="DESCENDING",
+                            regularization_strength=0.5)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = _x(2, 7, seed=11)
+    torch.testing.assert_close(compiled(x), soft_rank(x, regularization="kl",
+                                                      direction="descending",
+                                                      regularization_strength=0.5),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("op,reg,direction", CASES)
@@ -133,6 +145,18 @@ def test_kl_gradients_stay_finite_at_small_strength_in_float32():
             out = OPS[op](xr, regularization="kl", regularization_strength=eps)
             (out * torch.linspace(0, 1, 50)).sum().backward()
             assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all(), (op, eps)
+
+
+@pytest.mark.parametrize("op,reg,direction", CASES)
+def test_float32_func_jacobians_match_float64_finite_differences(op, reg, direction):
+    # torch.func takes the differentiable torch-op backward, computed in float32 here.
+    x = _x(9, seed=14)
+    f = _f(op, reg, direction, eps=0.9)
+    fd = fd_jacobian(lambda v: f(np.asarray(v)), x.numpy())
+    for jac in (torch.func.jacrev(f), torch.func.jacfwd(f)):
+        got = jac(x.float())
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.double().numpy(), fd, atol=2e-5, rtol=1e-4)
 
 
 def test_float32_gradients_agree_with_float64():
