@@ -35,6 +35,8 @@ def certified_fixed_point(W, U, x, *, tol: float = 1e-14):
     z = np.zeros((x.shape[0], W.shape[0]))
     z_next = np.tanh(z @ W.T + drive)
     first = float(np.linalg.norm(z_next - z))
+    if q == 0.0:  # a constant map: one step is exact
+        return z_next
     steps = 1 + max(0, math.ceil(math.log(tol * (1 - q) / max(first, 1e-300)) / math.log(q))) if first else 1
     for _ in range(steps + 50):  # the a-priori count, plus slack for rounding
         z, z_next = z_next, np.tanh(z_next @ W.T + drive)
