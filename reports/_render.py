@@ -205,11 +205,12 @@ a{color:#0b57d0}code{font-family:"DejaVu Sans Mono",monospace;font-size:12.5px;b
 .banner.fail{background:#fde7ea;border-color:#e59aa6;color:#7a0016}
 .banner.partial,.banner.warn{background:#fff4d6;border-color:#e3c36d;color:#5c3d00}
 .banner ul{margin:4px 0 0 0;padding-left:20px}.banner li{margin:2px 0}
-.banner details{display:inline}.banner details[open]{display:block}.banner summary{cursor:pointer;display:inline}
-.overview{display:grid;grid-template-columns:minmax(360px,430px) 1fr;gap:18px;align-items:start;margin-top:10px}
+.banner details{display:inline}.banner details[open]{display:block}
+.banner summary{cursor:pointer;display:inline;text-decoration:underline;color:#0b57d0}
+.overview{display:grid;grid-template-columns:minmax(380px,480px) 1fr;gap:18px;align-items:start;margin-top:10px}
 table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;
  vertical-align:top}th{background:#f5f5f5;font-weight:600}
-.verdicts table{width:100%}.verdicts td:nth-child(n+3){white-space:nowrap;text-align:right}
+.verdicts table{width:100%}.verdicts td:nth-child(3),.verdicts th:nth-child(3){white-space:nowrap;text-align:right}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:700;white-space:nowrap}
 .badge.passed{background:#dff1e3;color:var(--ok)}.badge.failed,.badge.errored{background:#fbd9de;color:var(--bad)}
 .badge.warn{background:#fdecc2;color:var(--warn)}
@@ -340,9 +341,9 @@ def to_html(report: dict) -> str:
         w = len(x.get("warnings") or [])
         warn = f' <span class="badge warn">{w} MISSED</span>' if w else ""
         rows.append(f'<tr><td><a href="#suite-{e(x["name"])}">{e(x["title"])}</a></td>'
-                    f"<td>{_badge(_status(x))}{warn}</td><td>{k}/{n}</td><td>{x['seconds']:.1f} s</td></tr>")
+                    f"<td>{_badge(_status(x))}{warn}</td><td>{k}/{n}</td></tr>")
     totals = (f"<tr><th>total</th><th>{s['suites_passed']}/{s['suites_total']} passed</th>"
-              f"<th>{s['checks_passed']}/{s['checks_total']}</th><th>{report['seconds']:.0f} s</th></tr>")
+              f"<th>{s['checks_passed']}/{s['checks_total']}</th></tr>")
     figures = [(x, f) for x in suites for f in x.get("figures", [])]
     numbers = {id(f): i for i, (_, f) in enumerate(figures, 1)}
     head_figs = [(x, f) for x, f in figures if f.get("headline")][:MAX_HEADLINE_FIGURES]
@@ -351,7 +352,7 @@ def to_html(report: dict) -> str:
             "<figcaption>", f'<figcaption><a href="#fig{numbers[id(f)]}">{e(x["name"])}</a> · ', 1)
         for x, f in head_figs)
     body.append('<main class="overview"><section class="verdicts"><table><tr><th>suite</th><th>status</th>'
-                f'<th>checks</th><th>time</th></tr>{"".join(rows)}{totals}</table></section>'
+                f'<th>checks</th></tr>{"".join(rows)}{totals}</table></section>'
                 f'<section class="headline-figures">{head_html}</section></main>')
 
     repro = "".join(f"<tr><th>{e(k)}</th><td>{f'<code>{e(v)}</code>' if k == 'command' else e(v)}</td></tr>"

@@ -192,7 +192,8 @@ def run(*, quick: bool = False, progress=None, frameworks=_FRAMEWORKS) -> SuiteR
                           intervals={"Clarke set (by hand)": clarke_ranges},
                           caption="Grey: the local Clarke set; markers: what each framework's reverse mode "
                                   "returns exactly on the kink. A marker off the grey range lies outside the "
-                                  "Clarke set; a missing marker means the primitive is not available there."))
+                                  "Clarke set; a missing marker means the framework returned NaN or inf there, "
+                                  "or does not have the primitive."))
     summary_parts = []
     for fw, kc in kcs.items():
         if kc is None:
