@@ -341,8 +341,7 @@ def run_report(*, out: str | os.PathLike = "nonsmooth-report", quick: bool = Fal
                 bar.finish(i, name, result)
         else:
             futures = [(name, executor.submit(run_suite, name, quick, frameworks, None)) for name in names]
-            for i, (name, fut) in enumerate(futures, 1):
-                bar.start(i, name)
+            for i, (name, fut) in enumerate(futures, 1):  # all running already: report them as they end
                 result = fut.result()
                 done.append(result)
                 bar.finish(i, name, result)
