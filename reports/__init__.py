@@ -9,7 +9,7 @@ Example:
 """
 from ._render import to_html, to_junit, to_markdown
 from ._report import SUITES, run_report, run_suite, write_report
-from ._suite import Check, Figure, SuiteResult, Table
+from ._suite import Check, Figure, SuiteResult, Table, inputs
 
 __all__ = [
     "SUITES",
@@ -17,6 +17,7 @@ __all__ = [
     "Figure",
     "SuiteResult",
     "Table",
+    "inputs",
     "run_report",
     "run_suite",
     "to_html",

@@ -129,7 +129,7 @@ def run(*, quick: bool = False, progress=None, frameworks=_FRAMEWORKS) -> SuiteR
 
     table_rows = []
     labels, series = [], {f"{fw} AD": [] for fw in frameworks if kcs.get(fw)}
-    series.update({"Clarke min": [], "Clarke max": []})
+    clarke_ranges = []
     for rule, where, k, tr, jr in _pair_rows(kcs):
         ref = tr or jr
         cells = [rule, where, ref.clarke.describe()]
@@ -149,8 +149,7 @@ def run(*, quick: bool = False, progress=None, frameworks=_FRAMEWORKS) -> SuiteR
                 if f"{fw} AD" in series:
                     series[f"{fw} AD"].append(_scalar(r) if r is not None else None)
             V = np.array(ref.clarke.vertices).reshape(-1)
-            series["Clarke min"].append(float(V.min()))
-            series["Clarke max"].append(float(V.max()))
+            clarke_ranges.append([float(V.min()), float(V.max())])
     columns = ["primitive", "at", "Clarke set"]
     for fw in frameworks:
         if kcs.get(fw) is not None:
@@ -178,15 +177,23 @@ def run(*, quick: bool = False, progress=None, frameworks=_FRAMEWORKS) -> SuiteR
             else:
                 c["outside"] += 1
         counts[fw] = c
-    figures = [
-        Figure("Derivative returned at elementwise kinks", "bar", labels, series,
-               xlabel="primitive @ kink", ylabel="derivative"),
-    ]
+    figures = []
     if counts:
         cats = list(next(iter(counts.values())))
         figures.append(Figure("How AD values sit relative to the Clarke set", "bar", cats,
                               {fw: [c[k] for k in cats] for fw, c in counts.items()},
-                              xlabel="judgement", ylabel="(spelling, kink) pairs"))
+                              xlabel="AD value at the kink", ylabel="(spelling, kink) pairs",
+                              headline=True,
+                              caption="Every registered primitive, at each of its kinks, measured live: is "
+                                      "the derivative reverse mode returns the minimum-norm element of the "
+                                      "local Clarke set, another element, or outside it?"))
+    figures.append(Figure("Derivative returned at elementwise kinks", "interval", labels, series,
+                          xlabel="primitive @ kink", ylabel="derivative at the kink",
+                          intervals={"Clarke set (by hand)": clarke_ranges},
+                          caption="Grey: the local Clarke set; markers: what each framework's reverse mode "
+                                  "returns exactly on the kink. A marker off the grey range lies outside the "
+                                  "Clarke set; a missing marker means the framework returned NaN or inf there, "
+                                  "or does not have the primitive."))
     summary_parts = []
     for fw, kc in kcs.items():
         if kc is None:

@@ -75,9 +75,11 @@ def _mc_figure(R, Ns):
         rms.append(float(np.sqrt(((y - p) ** 2).sum(-1).mean())))
     theory = [float(np.sqrt((p * (1 - p)).sum() / N)) for N in Ns]
     slope = float(np.polyfit(np.log(Ns), np.log(rms), 1)[0])
-    fig = Figure("Monte-Carlo error of perturbed argmax vs number of samples", "line", list(Ns),
-                 {"measured RMS error": rms, "sqrt(sum p(1-p) / N)": theory},
-                 xlabel="N (samples)", ylabel="RMS error", logx=True, logy=True)
+    fig = Figure("Monte-Carlo error of the Gumbel-perturbed argmax against the number of samples", "line",
+                 list(Ns), {"measured RMS error": rms, "theory sqrt(sum p(1-p) / N)": theory},
+                 xlabel="N (samples)", ylabel="RMS error over replicates", logx=True, logy=True, headline=True,
+                 caption=f"{R} independent estimates per N of softmax(theta/sigma), sigma = {SIGMA}; the "
+                         f"measured error follows the 1/sqrt(N) law (fitted log-log slope {slope:.3f}).")
     ok = abs(slope + 0.5) < 0.1
     check = Check("Monte-Carlo error shrinks like 1/sqrt(N)", ok,
                   f"log-log slope {slope:.3f} (expected -0.5 +- 0.1), {R} replicates per N",

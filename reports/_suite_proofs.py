@@ -50,8 +50,11 @@ def run(*, quick: bool = False, progress=None) -> SuiteResult:
     if failed:
         tables.append(Table(title="Failures", columns=["proof", "why"],
                             rows=[[c.name, " | ".join(c.failures)] for c in certs if not c.verified]))
-    figures = [Figure(title="Time per certificate", kind="bar", x=[c.name for c in certs],
-                      series={"seconds": [round(c.seconds, 4) for c in certs]}, ylabel="seconds")]
+    figures = [Figure(title="SymPy time per certificate", kind="bar", x=[c.name for c in certs],
+                      series={"seconds": [max(round(c.seconds, 4), 1e-4) for c in certs]},
+                      xlabel="certificate", ylabel="seconds (log scale)", logy=True,
+                      caption="Each certificate is recomputed symbolically at report time; times under "
+                              "0.1 ms are drawn at 0.1 ms.")]
     summary = (f"{len(certs) - len(failed)}/{len(certs)} certificates verified"
                + (f"; failed: {', '.join(failed)}" if failed else "")
                + (" (quick subset)" if quick else ""))

@@ -264,8 +264,8 @@ def test_conventions_suite_checks_pass_and_render():
     assert res.checks and all(c.passed for c in res.checks), [c.name for c in res.checks if not c.passed]
     table = res.tables[0]
     assert len(table.rows) >= len(RULES) and "torch AD" in table.columns and "jax AD" in table.columns
-    bar = res.figures[0]
-    assert bar.kind == "bar" and set(bar.series) >= {"torch AD", "jax AD"}
-    assert all(len(v) == len(bar.x) for v in bar.series.values())
+    fig = next(f for f in res.figures if f.kind == "interval")  # AD values against the Clarke ranges
+    assert set(fig.series) >= {"torch AD", "jax AD"} and len(fig.intervals["Clarke set (by hand)"]) == len(fig.x)
+    assert all(len(v) == len(fig.x) for v in fig.series.values())
     json.dumps(res.to_json(), allow_nan=False)
     assert "abs'(0)" in res.summary
