@@ -251,9 +251,9 @@ def shortest_path_grid(costs):
 
 
 def _compiling() -> bool:
-    import torch
+    from ._combinatorial_common import torch_compiling
 
-    return torch.compiler.is_compiling()
+    return torch_compiling()
 
 
 class _Eager:

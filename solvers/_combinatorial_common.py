@@ -34,6 +34,27 @@ def validated_inputs():
     finally:
         _STATE.trusted = previous
 
+@contextlib.contextmanager
+def running_eagerly():
+    """Marks code that runs on concrete tensors although torch.compile may be tracing
+    around it: the bodies of the custom operators (and the probes of their fake kernels).
+    Built-in solvers called there must not route themselves through an operator again."""
+    previous = getattr(_STATE, "eager", False)
+    _STATE.eager = True
+    try:
+        yield
+    finally:
+        _STATE.eager = previous
+
+
+def torch_compiling() -> bool:
+    """torch.compile is tracing this code (False inside ``running_eagerly``)."""
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(_STATE, "eager", False):
+        return False
+    return torch.compiler.is_compiling()
+
+
 SENSES = ("max", "min")
 
 # The 8 king moves on a grid, as (row offset, column offset) of the neighbour; shared by
@@ -67,7 +88,7 @@ def is_symbolic(x) -> bool:
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
         return False
-    if torch.compiler.is_compiling():
+    if torch_compiling():
         return True
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is None:
@@ -141,11 +162,14 @@ def _all_finite(x, fw) -> bool:
             return True
         return bool(torch.isfinite(x).all())
     if fw == "jax":
+        import jax
         import jax.numpy as jnp
 
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             return True
-        return bool(jnp.isfinite(x).all())
+        # A concrete array closed over by a jitted function: evaluate now, not in the trace.
+        with jax.ensure_compile_time_eval():
+            return bool(jnp.isfinite(x).all())
     if not np.issubdtype(x.dtype, np.inexact):
         return True
     return bool(np.isfinite(x).all())

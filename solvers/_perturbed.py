@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import _perturbed_common as common
-from ._combinatorial_common import check_array, framework_of, solver_info
+from ._combinatorial_common import check_array, framework_of, solver_info, torch_compiling
 
 NOISES = common.NOISES
 EULER_GAMMA = common.EULER_GAMMA
@@ -89,7 +89,7 @@ class PerturbedLayer:
         import torch
 
         if generator is not None:
-            if torch.compiler.is_compiling():
+            if torch_compiling():
                 raise ValueError(
                     "generator= cannot be used under torch.compile (dynamo cannot trace a "
                     "torch.Generator); let the layer draw from its own seeded stream, or "

@@ -56,8 +56,9 @@ def perturbed_jax(spec: PerturbedSpec, theta, key):
     if is_tree:
         _check_tree_eagerly(spec, leaves)
     elif not is_tracer(theta) and theta.size and spec.noise.kind != "custom":
-        check_theta_magnitude(float(jnp.max(jnp.abs(theta))), spec.sigma, theta.dtype,
-                              float(jnp.finfo(theta.dtype).max))
+        with jax.ensure_compile_time_eval():
+            check_theta_magnitude(float(jnp.max(jnp.abs(theta))), spec.sigma, theta.dtype,
+                                  float(jnp.finfo(theta.dtype).max))
 
     N = spec.num_samples
     keys = [key] if len(leaves) == 1 else list(jax.random.split(key, len(leaves)))
@@ -106,12 +107,13 @@ def _check_tree_eagerly(spec, leaves):
     for leaf in leaves:
         if is_tracer(leaf) or not leaf.size:
             continue
-        if not bool(jnp.all(jnp.isfinite(leaf))):
-            raise ValueError(f"theta has a leaf with a non-finite value; the solvers need finite "
-                             f"inputs")
-        if spec.noise.kind != "custom":
-            check_theta_magnitude(float(jnp.max(jnp.abs(leaf))), spec.sigma, leaf.dtype,
-                                  float(jnp.finfo(leaf.dtype).max))
+        with jax.ensure_compile_time_eval():
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise ValueError("theta has a leaf with a non-finite value; the solvers need "
+                                 "finite inputs")
+            if spec.noise.kind != "custom":
+                check_theta_magnitude(float(jnp.max(jnp.abs(leaf))), spec.sigma, leaf.dtype,
+                                      float(jnp.finfo(leaf.dtype).max))
 
 
 def _check_tree_samples(spec, Y_leaves, out_def, treedef, leaves):

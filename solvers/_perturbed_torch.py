@@ -26,7 +26,7 @@ import threading
 import torch
 
 from . import _torch_ops
-from ._combinatorial_common import validated_inputs
+from ._combinatorial_common import running_eagerly, torch_compiling, validated_inputs
 from ._perturbed_common import (PerturbedSpec, check_samples, check_sigma_for_dtype,
                                 check_theta_magnitude, rng_seed)
 
@@ -87,7 +87,7 @@ def draw_and_solve(spec: PerturbedSpec, theta: torch.Tensor, generator: torch.Ge
     if spec.control_variate:
         P[N] = theta
     batched = _resolve_batched(spec, theta)
-    with validated_inputs():
+    with validated_inputs(), running_eagerly():
         Y = _torch_ops.call_solver(spec.solver, P, spec.event_ndim, batched)
     if not isinstance(Y, torch.Tensor):
         raise TypeError(f"the solver returned {type(Y).__name__} for a torch input; "
@@ -144,7 +144,7 @@ def _out_event(spec, theta) -> tuple:
         with unset_fake_temporarily():
             x = torch.zeros((1,) + event, dtype=theta.dtype, device=theta.device)
             batched = _resolve_batched(spec, x[0])
-            with validated_inputs():
+            with validated_inputs(), running_eagerly():
                 y = _torch_ops.call_solver(spec.solver, x, spec.event_ndim, batched)
         spec.cache[key] = tuple(y.shape[1:])
     return spec.cache[key]
@@ -352,7 +352,7 @@ def estimate(spec: PerturbedSpec, theta, Y, S, V):
     th = theta.reshape(B, D)
     Sf = S.reshape(N, B, D)
     Yf = Y.reshape(Y.shape[0], B, O)
-    plain = torch.compiler.is_compiling()
+    plain = torch_compiling()
     if spec.output == "mean":
         return _mean_hat(th, Yf, Sf, spec, plain).reshape(batch + out_event)
     ybar = Yf[:N].mean(0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import _torch_ops
+from ._combinatorial_common import torch_compiling
 from ._surrogate_common import NO_FORWARD_MODE, NO_SECOND_ORDER, SurrogateSpec
 
 
@@ -92,7 +93,7 @@ class _Surrogate(torch.autograd.Function):
                 grad = (y - _solve(ctx.spec_id, (theta - lam * g).detach())) / lam
         if torch.is_grad_enabled():
             # create_graph / torch.func: make the gradient's own derivative raise.
-            fn = _FirstOrderOnly if torch.compiler.is_compiling() else _FirstOrderOnlyFwd
+            fn = _FirstOrderOnly if torch_compiling() else _FirstOrderOnlyFwd
             grad = fn.apply(grad)
         return grad, None, None
 
@@ -104,5 +105,5 @@ class _SurrogateFwd(_Surrogate):
 
 
 def surrogate_torch(spec: SurrogateSpec, theta: torch.Tensor) -> torch.Tensor:
-    fn = _Surrogate if torch.compiler.is_compiling() else _SurrogateFwd
+    fn = _Surrogate if torch_compiling() else _SurrogateFwd
     return fn.apply(theta, spec, _torch_ops.id_of(spec))

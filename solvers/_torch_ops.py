@@ -23,7 +23,8 @@ import weakref
 import numpy as np
 import torch
 
-from ._combinatorial_common import decide_batched_outputs, solver_name, validated_inputs
+from ._combinatorial_common import (decide_batched_outputs, running_eagerly, solver_name,
+                                    validated_inputs)
 
 _LOCK = threading.Lock()
 _IDS = itertools.count(1)
@@ -73,7 +74,7 @@ def probe_batched(solver, event_shape: tuple, dtype, device) -> bool:
 
     def attempt(arg):
         try:
-            with validated_inputs():
+            with validated_inputs(), running_eagerly():
                 out = solver(arg)
             return to_numpy(out) if isinstance(out, torch.Tensor) else None
         except Exception:  # noqa: BLE001 - any failure means "not this calling convention"
@@ -114,12 +115,14 @@ class SolveSpec:
 _BUILTIN: dict = {}
 
 
-def builtin_spec(solver) -> SolveSpec:
-    """The (immortal) SolveSpec of a built-in solver, for calls under torch.compile."""
+@torch.compiler.assume_constant_result
+def builtin_id(solver) -> int:
+    """The operator id of a built-in solver (its SolveSpec lives as long as the process),
+    for calls under torch.compile: evaluated at trace time, a constant of the graph."""
     spec = _BUILTIN.get(solver)
     if spec is None:
         spec = _BUILTIN[solver] = SolveSpec(solver, solver.event_ndim, True)
-    return spec
+    return id_of(spec)
 
 
 def resolve(spec, x) -> bool:
@@ -135,7 +138,7 @@ def resolve(spec, x) -> bool:
 
 def solve_compiled(solver, x: torch.Tensor) -> torch.Tensor:
     """A built-in solver as an opaque operator (used when torch.compile traces it)."""
-    return torch.ops.nonsmooth.solve(x, id_of(builtin_spec(solver)))
+    return torch.ops.nonsmooth.solve(x, builtin_id(solver))
 
 
 @torch.library.custom_op("nonsmooth::solve", mutates_args=())
@@ -143,7 +146,7 @@ def solve(x: torch.Tensor, spec_id: int) -> torch.Tensor:
     """y = solver(x), same shape as x, in x's dtype (the solver sees no autograd history)."""
     spec = lookup(spec_id)
     check_finite(x, "the solver's input")
-    with validated_inputs():
+    with validated_inputs(), running_eagerly():
         y = call_solver(spec.solver, x, spec.event_ndim, resolve(spec, x))
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"the solver returned {type(y).__name__} for a torch input; "
