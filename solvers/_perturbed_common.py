@@ -53,13 +53,19 @@ Z_BOUND = 40.0
 SIGMA_HEADROOM = 2.0 ** 8
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class NoiseLaw:
     """Which noise a layer uses: ``kind`` is "gumbel", "normal" or "custom" (``obj``
-    is then the user's distribution object)."""
+    is then the user's distribution object, compared by identity: it need not be hashable)."""
 
     kind: str
     obj: object = None
+
+    def __eq__(self, other):
+        return isinstance(other, NoiseLaw) and self.kind == other.kind and self.obj is other.obj
+
+    def __hash__(self):
+        return hash((self.kind, id(self.obj)))
 
     @property
     def name(self) -> str:

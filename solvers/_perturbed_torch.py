@@ -8,12 +8,14 @@ Two parts:
    ``torch.compile(fullgraph=True)``; it has a fake kernel and a vmap rule (the solver takes
    leading batch axes, so a vmapped call is one larger call).
 2. ``estimate``: the likelihood-ratio estimator of ``_perturbed_common`` in differentiable
-   torch code.  Its one custom primitive, ``_LikelihoodRatio`` (the weights w_i(theta), all
+   torch code.  Its custom primitive, ``_LikelihoodRatio`` (the weights w_i(theta), all
    ones in value), has a backward that is itself differentiable (double backward,
    ``torch.func.hessian``), a forward-mode rule (``torch.autograd.forward_ad``,
-   ``torch.func.jacfwd``) and a generated vmap rule.  Dynamo does not trace autograd
-   Functions with a forward-mode rule, so under torch.compile the same weights are written
-   as plain tensor code (same values, same derivatives, one more contraction).
+   ``torch.func.jacfwd``) and a generated vmap rule; ``_UnitWeightedMean`` averages the
+   samples with those weights at the cost of a plain mean.  Dynamo does not trace autograd
+   Functions with a forward-mode rule, so under torch.compile the same classes are used
+   without it (``_LikelihoodRatio`` rather than ``_LikelihoodRatioFwd``).  Distribution
+   objects and the frozen estimator use plain tensor code for the weights.
 
 Contract: depends on ``_perturbed_common``, ``_combinatorial_common`` and ``_torch_ops``,
 never on the dispatcher ``_perturbed``.
@@ -260,22 +262,56 @@ class _LikelihoodRatio(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph / torch.func: return the gradient as a differentiable function
             # of theta, so that its own derivative is the second-order estimator.
-            c = gw * _LikelihoodRatio.apply(theta, S, ctx.sigma, ctx.kind)
+            c = gw * _LikelihoodRatioFwd.apply(theta, S, ctx.sigma, ctx.kind)
             d = (theta - theta.detach()) / ctx.sigma
             return _score_vjp(ctx.kind, c, S, d, ctx.sigma), None, None, None
         return _score_vjp(ctx.kind, gw, S, None, ctx.sigma), None, None, None
+
+
+class _LikelihoodRatioFwd(_LikelihoodRatio):
+    """With a forward-mode rule (eager only: dynamo cannot trace one)."""
 
     @staticmethod
     def jvp(ctx, dtheta, dS, dsigma, dkind):
         theta, S = ctx.saved_tensors
         d = (theta - theta.detach()) / ctx.sigma
-        w = _LikelihoodRatio.apply(theta, S, ctx.sigma, ctx.kind)
+        w = _LikelihoodRatioFwd.apply(theta, S, ctx.sigma, ctx.kind)
         return w * _score_dot(ctx.kind, S, d, dtheta, ctx.sigma)
 
 
+class _UnitWeightedMean(torch.autograd.Function):
+    """(1/N) sum_i w_i Y_i for weights that are 1 in value (the layer's own w_i at theta0):
+    the forward is a plain mean, the backward the per-sample <Y_i, g> as one elementwise
+    product and reduction (faster here than any bmm/einsum on the (N, B, O) samples)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(w, Y):
+        return Y.mean(dim=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        w, Y = inputs
+        ctx.save_for_backward(Y)
+        ctx.save_for_forward(Y)
+
+    @staticmethod
+    def backward(ctx, g):
+        (Y,) = ctx.saved_tensors
+        return (Y * g).sum(-1) / Y.shape[0], None
+
+
+class _UnitWeightedMeanFwd(_UnitWeightedMean):
+    @staticmethod
+    def jvp(ctx, dw, dY):
+        (Y,) = ctx.saved_tensors
+        return torch.bmm(dw.t().unsqueeze(1), Y.transpose(0, 1)).squeeze(1) / Y.shape[0]
+
+
 def _likelihood_ratio_plain(theta, S, law, sigma: float, theta0=None):
-    """The same weights as plain tensor code (torch.compile, distribution objects, and the
-    frozen estimator, where theta0 is the fixed point the samples were drawn at)."""
+    """The same weights as plain tensor code, for distribution objects and the frozen
+    estimator (there theta0 is the fixed point the samples were drawn at)."""
     d = (theta - (theta.detach() if theta0 is None else theta0)) / sigma
     if law.kind == "gumbel":
         logw = d.sum(-1).unsqueeze(0) - torch.bmm(
@@ -289,17 +325,22 @@ def _likelihood_ratio_plain(theta, S, law, sigma: float, theta0=None):
     return torch.exp(logw - logw.detach() if theta0 is None else logw)
 
 
-def _weights(theta, S, law, sigma: float, plain: bool, theta0=None):
-    if plain or law.kind == "custom" or theta0 is not None:
+def _weights(theta, S, law, sigma: float, compiling: bool, theta0=None):
+    if law.kind == "custom" or theta0 is not None:
         return _likelihood_ratio_plain(theta, S, law, sigma, theta0)
-    return _LikelihoodRatio.apply(theta, S, sigma, law.kind)
+    fn = _LikelihoodRatio if compiling else _LikelihoodRatioFwd
+    return fn.apply(theta, S, sigma, law.kind)
 
 
-def _mean_hat(theta, Y, S, spec: PerturbedSpec, plain: bool, theta0=None):
+def _mean_hat(theta, Y, S, spec: PerturbedSpec, compiling: bool, theta0=None):
     """(1/N) sum_i w_i(theta) (Y_i - b) + b, shape (B, O)."""
     N = spec.num_samples
-    w = _weights(theta, S, spec.noise, spec.sigma, plain, theta0)
-    out = torch.bmm(w.t().unsqueeze(1), Y[:N].transpose(0, 1)).squeeze(1) / N
+    w = _weights(theta, S, spec.noise, spec.sigma, compiling, theta0)
+    if theta0 is None:   # the layer itself: w == 1 in value
+        fn = _UnitWeightedMean if compiling else _UnitWeightedMeanFwd
+        out = fn.apply(w, Y[:N])
+    else:                # the frozen estimator at any theta
+        out = torch.bmm(w.t().unsqueeze(1), Y[:N].transpose(0, 1)).squeeze(1) / N
     if spec.control_variate:
         # b (1 - mean_i w_i): zero in value, keeps the mean of the derivative estimator
         # while removing y*(theta) from each sample's contribution.
@@ -314,20 +355,23 @@ class _Value(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(theta, V, ybar, Y, S, spec, plain):
+    def forward(theta, V, ybar, Y, S, spec, compiling):
         return V.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        theta, V, ybar, Y, S, spec, plain = inputs
+        theta, V, ybar, Y, S, spec, compiling = inputs
         ctx.save_for_backward(theta, ybar, Y, S)
         ctx.save_for_forward(theta, ybar, Y, S)
-        ctx.spec, ctx.plain = spec, plain
+        ctx.spec, ctx.compiling = spec, compiling
 
     @staticmethod
     def backward(ctx, gV):
         theta, ybar, Y, S = ctx.saved_tensors
-        y = _mean_hat(theta, Y, S, ctx.spec, ctx.plain) if torch.is_grad_enabled() else ybar
+        if torch.is_grad_enabled():
+            y = _mean_hat(theta, Y, S, ctx.spec, ctx.compiling)
+        else:
+            y = ybar
         return gV.unsqueeze(-1) * y, None, None, None, None, None, None
 
 
@@ -335,9 +379,9 @@ class _ValueFwd(_Value):
     """_Value with a forward-mode rule (eager only: dynamo cannot trace one)."""
 
     @staticmethod
-    def jvp(ctx, dtheta, dV, dybar, dY, dS, dspec, dplain):
+    def jvp(ctx, dtheta, dV, dybar, dY, dS, dspec, dcompiling):
         theta, ybar, Y, S = ctx.saved_tensors
-        return (_mean_hat(theta, Y, S, ctx.spec, ctx.plain) * dtheta).sum(-1)
+        return (_mean_hat(theta, Y, S, ctx.spec, ctx.compiling) * dtheta).sum(-1)
 
 
 def estimate(spec: PerturbedSpec, theta, Y, S, V):
@@ -352,12 +396,12 @@ def estimate(spec: PerturbedSpec, theta, Y, S, V):
     th = theta.reshape(B, D)
     Sf = S.reshape(N, B, D)
     Yf = Y.reshape(Y.shape[0], B, O)
-    plain = torch_compiling()
+    compiling = torch_compiling()
     if spec.output == "mean":
-        return _mean_hat(th, Yf, Sf, spec, plain).reshape(batch + out_event)
+        return _mean_hat(th, Yf, Sf, spec, compiling).reshape(batch + out_event)
     ybar = Yf[:N].mean(0)
-    fn = _Value if plain else _ValueFwd
-    return fn.apply(th, V.reshape(B), ybar, Yf, Sf, spec, plain).reshape(batch)
+    fn = _Value if compiling else _ValueFwd
+    return fn.apply(th, V.reshape(B), ybar, Yf, Sf, spec, compiling).reshape(batch)
 
 
 def freeze_torch(spec: PerturbedSpec, theta0: torch.Tensor, rng_state: torch.Tensor):
@@ -379,6 +423,6 @@ def freeze_torch(spec: PerturbedSpec, theta0: torch.Tensor, rng_state: torch.Ten
             raise ValueError(f"the frozen estimator takes theta of shape {tuple(theta0.shape)}, "
                              f"got {tuple(theta.shape)}")
         th = theta.reshape(B, D)
-        return _mean_hat(th, Yf, Sf, spec, True, t0).reshape(batch + out_event)
+        return _mean_hat(th, Yf, Sf, spec, False, t0).reshape(batch + out_event)
 
     return estimator

@@ -84,19 +84,20 @@ def probe_batched(solver, event_shape: tuple, dtype, device) -> bool:
 
 
 def call_solver(solver, x: torch.Tensor, event_ndim: int, batched: bool):
-    """solver on x with leading batch axes, vmapping a per-instance solver."""
+    """solver on x with leading batch axes; a per-instance solver is batched with
+    torch.func.vmap, or, when vmap cannot trace it (NumPy, SciPy, a MIP solver, Python
+    branches on values), called once per instance in a Python loop."""
     if batched:
         return solver(x)
     lead = x.shape[: x.ndim - event_ndim]
     flat = x.reshape((-1,) + tuple(x.shape[x.ndim - event_ndim:]))
     try:
         out = torch.func.vmap(solver)(flat)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(
-            f"{solver_name(solver)} solves one instance per call (batched=False or detected), "
-            f"and torch.func.vmap could not batch it ({type(err).__name__}: {err}); write it "
-            f"for a leading batch axis, or loop over instances inside it and pass "
-            f"batched=True") from err
+    except Exception:  # noqa: BLE001 - not vmappable: loop (a real solver error re-raises)
+        rows = [solver(row) for row in flat]
+        if not all(isinstance(r, torch.Tensor) for r in rows):
+            raise TypeError(f"{solver_name(solver)} must return torch tensors") from None
+        out = torch.stack(rows) if rows else flat.new_empty((0,) + tuple(flat.shape[1:]))
     return out.reshape(tuple(lead) + tuple(out.shape[1:]))
 
 
