@@ -125,10 +125,10 @@ def _pyepo_table(quick, out):
     import numpy as np
     import torch
     from pyepo import EPO
-    from pyepo.func import perturbedOpt
+    from pyepo.func import perturbedFenchelYoung, perturbedOpt
     from pyepo.model.opt import optModel
 
-    from nonsmooth.solvers import argmax_onehot, perturbed
+    from nonsmooth.solvers import argmax_onehot, fenchel_young_loss, perturbed
 
     class _ArgmaxModel(optModel):
         """argmax over the one-hot vectors, as a PyEPO model (one instance per solve)."""
@@ -151,25 +151,34 @@ def _pyepo_table(quick, out):
     gen = torch.Generator().manual_seed(0)
     theta = torch.randn(BATCH, DIM, generator=gen, requires_grad=True)
     g = torch.randn(BATCH, DIM, generator=gen)
+    target = argmax_onehot(torch.randn(BATCH, DIM, generator=gen))
     ours_layer = perturbed(argmax_onehot, num_samples=n, sigma=1.0, noise="normal")
+    ours_fy = fenchel_young_loss(argmax_onehot, num_samples=n, sigma=1.0, noise="normal")
     peer = perturbedOpt(_ArgmaxModel(), n_samples=n, sigma=1.0)
+    peer_fy = perturbedFenchelYoung(_ArgmaxModel(), n_samples=n, sigma=1.0, reduction="sum")
 
-    def ours():
-        theta.grad = None
-        ours_layer(theta).backward(g)
+    def step(fn):
+        def run():
+            theta.grad = None
+            fn()
+        return run
 
-    def pyepo():
-        theta.grad = None
-        peer(theta).backward(g)
-
-    t = interleaved({"ours": ours, "pyepo": pyepo}, repeats=2 if quick else 5, warmup=1)
-    out(f"  torch argmax (normal noise, N={n}): ours {fmt_seconds(t['ours'])}, "
-        f"PyEPO {fmt_seconds(t['pyepo'])}")
+    cands = {"ours DPO": step(lambda: ours_layer(theta).backward(g)),
+             "pyepo DPO": step(lambda: peer(theta).backward(g)),
+             "ours PFYL": step(lambda: ours_fy(theta, target).sum().backward()),
+             "pyepo PFYL": step(lambda: peer_fy(theta, target).backward())}
+    t = interleaved(cands, repeats=2 if quick else 5, warmup=1)
+    rows = []
+    for what, label in (("DPO", "perturbed argmax (perturbedOpt)"),
+                        ("PFYL", "Fenchel-Young loss (perturbedFenchelYoung)")):
+        ours_t, peer_t = t[f"ours {what}"], t[f"pyepo {what}"]
+        out(f"  torch {label}, normal noise, N={n}: ours {fmt_seconds(ours_t)}, "
+            f"PyEPO {fmt_seconds(peer_t)}")
+        rows.append([label, fmt_seconds(ours_t), fmt_seconds(peer_t), round(ours_t / peer_t, 4)])
     return Table(
-        title=f"Perturbed argmax vs PyEPO perturbedOpt (torch, normal noise, N={n}, batch {BATCH}, dim {DIM})",
-        columns=["layer", "ours", "PyEPO", "ours / PyEPO"],
-        rows=[["argmax", fmt_seconds(t["ours"]), fmt_seconds(t["pyepo"]),
-               round(t["ours"] / t["pyepo"], 4)]],
+        title=f"Perturbed argmax and FY loss vs PyEPO (torch, normal noise, N={n}, "
+              f"batch {BATCH}, dim {DIM})",
+        columns=["layer", "ours", "PyEPO", "ours / PyEPO"], rows=rows,
         note="PyEPO calls its optModel once per (sample, batch) instance in a Python loop.")
 
 

@@ -1,6 +1,6 @@
 """Fast differentiable solvers: isotonic regression (C PAV kernel), soft sort and rank,
-perturbed optimizers and Fenchel-Young losses, identity-with-projection and blackbox
-backward passes, batched combinatorial solvers.
+perturbed optimizers and Fenchel-Young losses, the SPO+ loss, identity-with-projection and
+blackbox backward passes, batched combinatorial solvers.
 
 Importing this package imports neither torch nor jax; each function loads the
 framework of the arrays it is given.
@@ -17,6 +17,7 @@ _EXPORTS = {
     "perturbed": "_perturbed",
     "perturbed_max": "_perturbed",
     "fenchel_young_loss": "_perturbed",
+    "spo_plus_loss": "_spo_plus",
     "identity_backward": "_surrogate_backward",
     "blackbox_backward": "_surrogate_backward",
     "argmax_onehot": "_combinatorial",
@@ -24,6 +25,7 @@ _EXPORTS = {
     "sort_permutation": "_combinatorial",
     "hard_rank": "_combinatorial",
     "shortest_path_grid": "_combinatorial",
+    "shortest_path_edges": "_combinatorial",
     "linear_assignment": "_combinatorial",
 }
 __all__ = sorted(_EXPORTS)

@@ -10,8 +10,13 @@ outputs can be averaged.  Each carries two attributes the layers read:
 - ``sense``: ``"max"`` when the solver returns argmax_y <y, theta> over its feasible
   set, ``"min"`` when it returns the argmin (shortest paths, assignments).
 
+- ``batched``: True: the solver takes leading batch axes (the perturbed, surrogate and
+  SPO+ layers call it once on the stacked problems and never probe it).
+
 Ties are broken deterministically and identically in every framework (lowest index
-first), so the three back ends return the same answer on the same input.
+first), so the three back ends return the same answer on the same input.  Under
+``torch.compile`` the solvers with data-dependent loops or host calls (shortest paths,
+assignment) run as an opaque custom operator, so a compiled graph does not break on them.
 """
 from __future__ import annotations
 
@@ -19,16 +24,15 @@ import dataclasses
 
 import numpy as np
 
+from ._combinatorial_common import GRID_SHIFTS as _SHIFTS
 from ._combinatorial_common import check_array, framework_of
-
-# The 8 king moves on a grid, as (row offset, column offset) of the neighbour.
-_SHIFTS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
 def _solver(event_ndim: int, sense: str):
     def mark(fn):
         fn.event_ndim = event_ndim
         fn.sense = sense
+        fn.batched = True
         return fn
 
     return mark
@@ -75,6 +79,7 @@ class TopK:
     k: int
     event_ndim = 1
     sense = "max"
+    batched = True
 
     def __call__(self, theta):
         fw = check_array(theta, "theta", event_ndim=1)
@@ -238,7 +243,17 @@ def shortest_path_grid(costs):
         from ._combinatorial_jax import shortest_path_jax
 
         return shortest_path_jax(costs)
+    if fw == "torch" and _compiling():
+        from ._torch_ops import solve_compiled
+
+        return solve_compiled(shortest_path_grid, costs)
     return _shortest_path_eager(costs, fw)
+
+
+def _compiling() -> bool:
+    from ._combinatorial_common import torch_compiling
+
+    return torch_compiling()
 
 
 class _Eager:
@@ -420,8 +435,14 @@ def linear_assignment(cost, *, maximize: bool = False):
     if fw == "torch":
         import torch
 
-        host = cost.detach().to("cpu").numpy()
-        return torch.from_numpy(_assignment_numpy(host, maximize)).to(cost.device)
+        if _compiling():
+            from ._torch_ops import solve_compiled
+
+            return solve_compiled(_assignment_max if maximize else linear_assignment, cost)
+        # float64 on the host: NumPy has no bfloat16, and SciPy solves in float64 anyway.
+        host = cost.detach().to("cpu", torch.float64).numpy()
+        out = _assignment_numpy(host, maximize)
+        return torch.from_numpy(out).to(device=cost.device, dtype=cost.dtype)
     if fw == "jax":
         import jax
 
@@ -429,3 +450,187 @@ def linear_assignment(cost, *, maximize: bool = False):
         return jax.pure_callback(lambda c: _assignment_numpy(np.asarray(c), maximize),
                                  shape, cost, vmap_method="expand_dims")
     return _assignment_numpy(cost, maximize)
+
+
+@_solver(2, "max")
+def _assignment_max(cost):
+    return linear_assignment(cost, maximize=True)
+
+
+# ----------------------------------------------------------------------------- edge shortest path
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeShortestPath:
+    """The solver returned by :func:`shortest_path_edges` (PyEPO's grid shortest path)."""
+
+    grid: tuple
+    event_ndim = 1
+    sense = "min"
+    batched = True
+
+    @property
+    def num_edges(self) -> int:
+        H, W = self.grid
+        return H * (W - 1) + (H - 1) * W
+
+    @property
+    def arcs(self) -> list:
+        """(tail, head) node pairs in cost order; node (i, j) is numbered i * W + j."""
+        H, W = self.grid
+        arcs = []
+        for i in range(H):
+            arcs += [(i * W + j, i * W + j + 1) for j in range(W - 1)]
+            if i < H - 1:
+                arcs += [(i * W + j, (i + 1) * W + j) for j in range(W)]
+        return arcs
+
+    def __call__(self, costs):
+        fw = check_array(costs, "costs", event_ndim=1)
+        if costs.shape[-1] != self.num_edges:
+            raise ValueError(
+                f"shortest_path_edges(grid={self.grid}) needs {self.num_edges} edge costs on the "
+                f"last axis (PyEPO's arc order: see .arcs), got shape {tuple(costs.shape)}")
+        if fw == "jax":
+            from ._combinatorial_jax import edge_shortest_path_jax
+
+            return edge_shortest_path_jax(costs, self.grid)
+        if fw == "torch" and _compiling():
+            from ._torch_ops import solve_compiled
+
+            return solve_compiled(self, costs)
+        return _edge_path_eager(costs, self.grid, fw)
+
+
+def shortest_path_edges(grid) -> EdgeShortestPath:
+    """Solver: cheapest path on an H x W grid with *edge* costs, as in PyEPO.
+
+    Nodes are the grid points, numbered i * W + j; arcs go right ((i, j) -> (i, j+1)) and
+    down ((i, j) -> (i+1, j)), listed row by row, each row's right arcs before its down
+    arcs (PyEPO's ``shortestPathModel`` order; ``.arcs`` lists them).  The path runs from
+    the top-left node to the bottom-right one.  ``costs`` has shape (..., num_edges); the
+    result is the 0/1 indicator of the path's arcs in costs' dtype.  The graph is acyclic,
+    so negative costs are fine (no clipping).  Ties: the path enters a node from the left
+    when both ways cost the same, identically in numpy, torch and jax.
+
+    Algorithm: dynamic programming over the anti-diagonals, vectorized over the batch, then
+    an H + W - 2 step trace-back (every path has exactly that many arcs).
+
+    Example:
+        >>> import numpy as np
+        >>> sp = shortest_path_edges((2, 2))      # arcs: 0->1, 0->2, 1->3, 2->3
+        >>> sp(np.array([1.0, 5.0, 1.0, 1.0]))
+        array([1., 0., 1., 0.])
+    """
+    try:
+        H, W = (int(g) for g in grid)
+        ok = all(float(g) == int(g) for g in grid) and H >= 1 and W >= 1 and H * W >= 2
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"grid must be two positive ints (rows, cols) with at least 2 nodes, "
+                         f"got {grid!r}")
+    return EdgeShortestPath((H, W))
+
+
+def edge_index_maps(grid):
+    """(right, down): arrays with the edge index of arc (i, j)->(i, j+1) and
+    (i, j)->(i+1, j); -1 where there is no such arc."""
+    H, W = grid
+    right = np.full((H, W), -1, dtype=np.int64)
+    down = np.full((H, W), -1, dtype=np.int64)
+    e = 0
+    for i in range(H):
+        for j in range(W - 1):
+            right[i, j] = e
+            e += 1
+        if i < H - 1:
+            for j in range(W):
+                down[i, j] = e
+                e += 1
+    return right, down
+
+
+def edge_path_plan(grid):
+    """Index arrays for the DP (shared by the eager and the jax implementations).
+
+    For every node v = (i, j) other than the start: the edge entering from the left
+    (right[i, j-1]) and from above (down[i-1, j]), or the sentinel E (a cost of +inf) when
+    there is none, and the predecessor node on each side; nodes grouped by anti-diagonal.
+    """
+    H, W = grid
+    right, down = edge_index_maps(grid)
+    E = H * (W - 1) + (H - 1) * W
+    diagonals = []
+    for k in range(1, H + W - 1):
+        ii = np.arange(max(0, k - W + 1), min(k, H - 1) + 1)
+        jj = k - ii
+        nodes = ii * W + jj
+        left_edge = np.where(jj > 0, right[ii, np.maximum(jj - 1, 0)], E)
+        up_edge = np.where(ii > 0, down[np.maximum(ii - 1, 0), jj], E)
+        left_node = np.where(jj > 0, nodes - 1, 0)
+        up_node = np.where(ii > 0, nodes - W, 0)
+        diagonals.append((nodes, left_edge, up_edge, left_node, up_node))
+    # Trace-back tables per node: the edge and predecessor for "came from the left" / "above".
+    n = H * W
+    left_edge_of = np.full(n, E, np.int64)
+    up_edge_of = np.full(n, E, np.int64)
+    left_pred = np.zeros(n, np.int64)
+    up_pred = np.zeros(n, np.int64)
+    for nodes, le, ue, ln, un in diagonals:
+        left_edge_of[nodes], up_edge_of[nodes] = le, ue
+        left_pred[nodes], up_pred[nodes] = ln, un
+    return E, diagonals, (left_edge_of, up_edge_of, left_pred, up_pred)
+
+
+def _edge_path_eager(costs, grid, fw):
+    H, W = grid
+    E, diagonals, (left_edge_of, up_edge_of, left_pred, up_pred) = edge_path_plan(grid)
+    batch = tuple(costs.shape[:-1])
+    if fw == "torch":
+        import torch
+
+        c = costs.detach().reshape(-1, E)
+        B = c.shape[0]
+        dev = c.device
+        cp = torch.cat([c, c.new_full((B, 1), float("inf"))], dim=1)
+        D = c.new_full((B, H * W), float("inf"))
+        D[:, 0] = 0
+        from_left = torch.zeros((B, H * W), dtype=torch.bool, device=dev)
+        t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
+        for nodes, le, ue, ln, un in diagonals:
+            nodes, le, ue, ln, un = map(t, (nodes, le, ue, ln, un))
+            via_left = D[:, ln] + cp[:, le]
+            via_up = D[:, un] + cp[:, ue]
+            take_left = via_left <= via_up
+            D[:, nodes] = torch.where(take_left, via_left, via_up)
+            from_left[:, nodes] = take_left
+        out = c.new_zeros((B, E + 1))
+        cur = torch.full((B,), H * W - 1, dtype=torch.long, device=dev)
+        rows = torch.arange(B, device=dev)
+        le_t, ue_t, lp_t, up_t = map(t, (left_edge_of, up_edge_of, left_pred, up_pred))
+        for _ in range(H + W - 2):
+            fl = from_left[rows, cur]
+            out[rows, torch.where(fl, le_t[cur], ue_t[cur])] = 1
+            cur = torch.where(fl, lp_t[cur], up_t[cur])
+        return out[:, :E].reshape(batch + (E,))
+    c = np.asarray(costs).reshape(-1, E)
+    B = c.shape[0]
+    cp = np.concatenate([c, np.full((B, 1), np.inf, dtype=c.dtype)], axis=1)
+    D = np.full((B, H * W), np.inf, dtype=c.dtype)
+    D[:, 0] = 0
+    from_left = np.zeros((B, H * W), dtype=bool)
+    for nodes, le, ue, ln, un in diagonals:
+        via_left = D[:, ln] + cp[:, le]
+        via_up = D[:, un] + cp[:, ue]
+        take_left = via_left <= via_up
+        D[:, nodes] = np.where(take_left, via_left, via_up)
+        from_left[:, nodes] = take_left
+    out = np.zeros((B, E + 1), dtype=c.dtype)
+    cur = np.full(B, H * W - 1, dtype=np.int64)
+    rows = np.arange(B)
+    for _ in range(H + W - 2):
+        fl = from_left[rows, cur]
+        out[rows, np.where(fl, left_edge_of[cur], up_edge_of[cur])] = 1
+        cur = np.where(fl, left_pred[cur], up_pred[cur])
+    return out[:, :E].reshape(batch + (E,))

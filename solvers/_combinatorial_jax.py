@@ -1,15 +1,19 @@
-"""jnp implementation of the grid shortest path (jit/vmap friendly, runs on the accelerator).
+"""jnp implementations of the grid shortest paths (jit/vmap friendly, run on the accelerator).
 
-Same algorithm and tie-breaking as the numpy/torch one in ``_combinatorial``: Bellman-Ford
-min-plus relaxation until a fixed point, vertex counts along tight edges, trace-back.
+Same algorithms and tie-breaking as the numpy/torch ones in ``_combinatorial``: for vertex
+costs, Bellman-Ford min-plus relaxation until a fixed point, vertex counts along tight
+edges, trace-back; for edge costs, dynamic programming over anti-diagonals and trace-back.
+Imports only ``_combinatorial_common`` and, lazily, the framework-free index plan.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._combinatorial import _SHIFTS
+from ._combinatorial_common import GRID_SHIFTS as _SHIFTS
 
 
 def _shift(a, dy, dx, fill):
@@ -101,3 +105,37 @@ def shortest_path_jax(costs):
     bad = jnp.isnan(c).any(axis=(1, 2))
     mask = jnp.where(bad[:, None], jnp.nan, mask)
     return mask.reshape(batch + (H, W))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def edge_shortest_path_jax(costs, grid):
+    from ._combinatorial import edge_path_plan
+
+    H, W = grid
+    E, diagonals, (left_edge_of, up_edge_of, left_pred, up_pred) = edge_path_plan(grid)
+    batch = costs.shape[:-1]
+    c = lax.stop_gradient(costs).reshape((-1, E))
+    B = c.shape[0]
+    cp = jnp.concatenate([c, jnp.full((B, 1), jnp.inf, c.dtype)], axis=1)
+    D = jnp.full((B, H * W), jnp.inf, c.dtype).at[:, 0].set(0)
+    from_left = jnp.zeros((B, H * W), bool)
+    for nodes, le, ue, ln, un in diagonals:
+        via_left = D[:, ln] + cp[:, le]
+        via_up = D[:, un] + cp[:, ue]
+        take_left = via_left <= via_up
+        D = D.at[:, nodes].set(jnp.where(take_left, via_left, via_up))
+        from_left = from_left.at[:, nodes].set(take_left)
+    out = jnp.zeros((B, E + 1), c.dtype)
+    cur = jnp.full((B,), H * W - 1, jnp.int32)
+    rows = jnp.arange(B)
+    le_t, ue_t = jnp.asarray(left_edge_of, jnp.int32), jnp.asarray(up_edge_of, jnp.int32)
+    lp_t, up_t = jnp.asarray(left_pred, jnp.int32), jnp.asarray(up_pred, jnp.int32)
+    for _ in range(H + W - 2):
+        fl = from_left[rows, cur]
+        out = out.at[rows, jnp.where(fl, le_t[cur], ue_t[cur])].set(1)
+        cur = jnp.where(fl, lp_t[cur], up_t[cur])
+    out = out[:, :E]
+    # Under jit the NaN check cannot run; mark such problems NaN instead of a meaningless path.
+    bad = ~jnp.isfinite(c).all(axis=1)
+    out = jnp.where(bad[:, None], jnp.nan, out)
+    return out.reshape(batch + (E,))

@@ -1,4 +1,4 @@
-"""Perturbed optimizers and Fenchel-Young losses (Berthet et al., NeurIPS 2020).
+"""Perturbed optimizers and Fenchel-Young losses (Berthet et al., NeurIPS 2020): public API.
 
 For a solver y*(theta) (an argmax of <y, theta> over a finite set, or any piecewise
 constant map) and noise Z with density proportional to exp(-nu(z)):
@@ -7,122 +7,198 @@ constant map) and noise Z with density proportional to exp(-nu(z)):
     F_sigma(theta) = E[<y*(theta + sigma Z), theta + sigma Z>]    (``perturbed_max``)
     grad F_sigma = y_sigma,   J y_sigma(theta)^T g = E[grad nu(Z) <y*(theta + sigma Z), g>] / sigma
 
-estimated with ``num_samples`` Monte-Carlo samples drawn in one batch, so the solver
-is called once on an array of shape (num_samples, *theta.shape).  grad nu(z) = z for
-normal noise and 1 - exp(-z) for Gumbel noise.
+estimated with ``num_samples`` Monte-Carlo samples drawn in one batch, so the solver is
+called once on an array of shape (num_samples, *theta.shape).  Derivatives of every order
+are those of the likelihood-ratio estimator (see ``_perturbed_common``), so second
+derivatives are estimates of the true ones, never a silent zero.
 
-The torch and jax implementations live in ``_perturbed_torch`` and ``_perturbed_jax``
-and are imported only when the input is a tensor of that framework.
+This module only validates and dispatches: the framework code lives in ``_perturbed_torch``
+and ``_perturbed_jax`` (imported when an input of that framework arrives), the shared
+formulas and checks in ``_perturbed_common``.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
+import copy
+import sys
 from typing import Callable
 
 import numpy as np
 
-from ._combinatorial_common import check_array, framework_of, solver_info
+from . import _perturbed_common as common
+from ._combinatorial_common import check_array, framework_of, solver_info, torch_compiling
 
-NOISES = ("gumbel", "normal")
-EULER_GAMMA = 0.5772156649015329
-
-
-def _check_options(num_samples, sigma, noise, control_variate, seed):
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
-            or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    if noise not in NOISES:
-        raise ValueError(f"noise must be 'gumbel' or 'normal', got {noise!r}")
-    if not isinstance(control_variate, bool):
-        raise TypeError(f"control_variate must be True or False, got {control_variate!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+NOISES = common.NOISES
+EULER_GAMMA = common.EULER_GAMMA
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class PerturbedLayer:
     """A perturbed solver.  Call it on an array; see :func:`perturbed`.
 
     ``output`` is ``"mean"`` (y_sigma, from :func:`perturbed`) or ``"value"`` (F_sigma,
-    from :func:`perturbed_max`).
+    from :func:`perturbed_max`).  The options are read-only attributes.
     """
 
-    solver: Callable
-    num_samples: int
-    sigma: float
-    noise: str
-    control_variate: bool
-    seed: int
-    event_ndim: int
-    output: str = "mean"
-    # torch.Generator per device, created on first use from ``seed``; advancing it gives
-    # fresh noise at every call, and a new layer with the same seed replays the sequence.
-    _generators: dict = dataclasses.field(default_factory=dict, repr=False)
+    def __init__(self, spec: common.PerturbedSpec):
+        self.spec = spec
+        self._torch_rng = None  # int64 CPU tensor [seed, calls so far], created on first use
+
+    solver = property(lambda self: self.spec.solver)
+    num_samples = property(lambda self: self.spec.num_samples)
+    sigma = property(lambda self: self.spec.sigma)
+    noise = property(lambda self: self.spec.noise.name if self.spec.noise.kind != "custom"
+                     else self.spec.noise.obj)
+    control_variate = property(lambda self: self.spec.control_variate)
+    seed = property(lambda self: self.spec.seed)
+    event_ndim = property(lambda self: self.spec.event_ndim)
+    output = property(lambda self: self.spec.output)
+    batched = property(lambda self: self.spec.batched)
 
     def __call__(self, theta, *, key=None, generator=None):
         """Evaluate on ``theta`` of shape (*batch, *event).
 
-        torch: noise comes from ``generator`` if given, else from the layer's own
-        generator on theta's device (seeded with ``seed``, advanced at every call).
+        torch: noise comes from the layer's own stream (seeded with ``seed``, a fresh draw
+        at every call; a new layer with the same seed replays the sequence), or from
+        ``generator`` if given (eager mode only: it seeds this call's stream).
         jax: noise comes from ``key`` (default ``jax.random.PRNGKey(seed)``, the same
-        noise at every call: pass a fresh key per training step).
+        noise at every call: pass a fresh key per training step); theta may be a pytree
+        (then it is one problem; use jax.vmap for batches).
         numpy: forward only, noise from ``np.random.default_rng(seed)``.
         """
-        fw = check_array(theta, "theta", event_ndim=self.event_ndim)
-        if fw == "torch":
-            from ._perturbed_torch import perturbed_torch
-
-            if generator is None:
-                generator = self._torch_generator(theta.device)
-            return perturbed_torch(self, theta, generator)
+        fw = _framework_of_input(theta)
+        spec = self.spec
         if fw == "jax":
             from ._perturbed_jax import perturbed_jax
 
-            return perturbed_jax(self, theta, key)
-        return _perturbed_numpy(self, theta)
+            if generator is not None:
+                raise TypeError("generator= is for torch inputs; pass key= for jax")
+            if _is_array(theta):
+                check_array(theta, "theta", event_ndim=spec.event_ndim)
+            return perturbed_jax(spec, theta, key)
+        check_array(theta, "theta", event_ndim=spec.event_ndim, finite=fw == "numpy")
+        if fw == "torch":
+            from ._perturbed_torch import perturbed_torch
 
-    def _torch_generator(self, device):
+            if key is not None:
+                raise TypeError("key= is for jax inputs; pass generator= for torch")
+            return perturbed_torch(spec, theta, self._rng_for_torch(generator))
+        if key is not None or generator is not None:
+            raise TypeError("numpy inputs use the layer's seed; key=/generator= do not apply")
+        return _perturbed_numpy(spec, theta)
+
+    def _rng_for_torch(self, generator):
         import torch
 
-        gen = self._generators.get(str(device))
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(int(self.seed))
-            self._generators[str(device)] = gen
-        return gen
+        if generator is not None:
+            if torch_compiling():
+                raise ValueError(
+                    "generator= cannot be used under torch.compile (dynamo cannot trace a "
+                    "torch.Generator); let the layer draw from its own seeded stream, or "
+                    "call it outside the compiled region")
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                                     device=generator.device))
+            return torch.tensor([seed, 0], dtype=torch.int64)
+        if self._torch_rng is None:
+            self._torch_rng = torch.tensor([self.spec.seed, 0], dtype=torch.int64)
+        return self._torch_rng
+
+    def freeze(self, theta0, *, key=None, generator=None):
+        """The estimator as a deterministic smooth function: samples drawn once at theta0.
+
+        Returns ``f`` with f(theta) = (1/N) sum_i w_i(theta) (y_i - b) + b, the
+        likelihood-ratio reweighting of the samples y_i = solver(theta0 + sigma Z_i).
+        f(theta0) and all its derivatives at theta0 are exactly what the layer returns with
+        the same noise, and f is smooth, so ``torch.autograd.gradcheck``/``gradgradcheck``
+        and ``jax.test_util.check_grads`` apply to it (they cannot apply to the layer,
+        which draws new samples wherever it is evaluated).  ``perturbed`` layers only.
+
+        Example:
+            >>> import torch
+            >>> from nonsmooth.solvers import perturbed, argmax_onehot
+            >>> layer = perturbed(argmax_onehot, num_samples=100, sigma=0.5)
+            >>> t0 = torch.zeros(1, 3, dtype=torch.float64)
+            >>> f = layer.freeze(t0)
+            >>> torch.autograd.gradcheck(f, t0.clone().requires_grad_())
+            True
+        """
+        if self.spec.output != "mean":
+            raise ValueError("freeze() is for perturbed layers: perturbed_max's gradient is the "
+                             "sample mean of the y_i, which is not the gradient of one sample "
+                             "function, so it has no frozen counterpart")
+        fw = framework_of(theta0)
+        check_array(theta0, "theta0", event_ndim=self.spec.event_ndim)
+        if fw == "torch":
+            from ._perturbed_torch import freeze_torch
+
+            return freeze_torch(self.spec, theta0, self._rng_for_torch(generator))
+        if fw == "jax":
+            from ._perturbed_jax import freeze_jax
+
+            return freeze_jax(self.spec, theta0, key)
+        raise TypeError("freeze() needs a torch tensor or a jax array (numpy has no autodiff)")
+
+    def __deepcopy__(self, memo):
+        # A copy gets its own spec (and so its own operator id) and replays the seed.
+        new = PerturbedLayer(copy.copy(self.spec))
+        memo[id(self)] = new
+        return new
 
     def explain(self) -> str:
-        what = "E[y*(theta + sigma Z)]" if self.output == "mean" else \
-            "E[<y*(theta + sigma Z), theta + sigma Z>]"
-        cv = ", control variate y*(theta)" if self.control_variate else ""
-        return (f"{what} with {self.noise} Z, sigma={self.sigma}, {self.num_samples} samples in "
-                f"one stacked call of {getattr(self.solver, '__name__', self.solver)!s}{cv}; "
-                f"the gradient is the score-function estimator")
+        return common.explain(self.spec)
 
     def to_json(self) -> dict:
-        return {"solver": getattr(self.solver, "__name__", repr(self.solver)),
-                "num_samples": self.num_samples, "sigma": self.sigma, "noise": self.noise,
-                "control_variate": self.control_variate, "seed": self.seed,
-                "event_ndim": self.event_ndim, "output": self.output}
+        return common.to_json(self.spec)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"PerturbedLayer(solver={getattr(s.solver, '__name__', s.solver)!s}, "
+                f"num_samples={s.num_samples}, sigma={s.sigma}, noise={s.noise.name!r}, "
+                f"control_variate={s.control_variate}, seed={s.seed}, "
+                f"event_ndim={s.event_ndim}, output={s.output!r})")
+
+
+def _is_array(x) -> bool:
+    try:
+        framework_of(x)
+        return True
+    except TypeError:
+        return False
+
+
+def _framework_of_input(theta) -> str:
+    if _is_array(theta):
+        return framework_of(theta)
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        leaves = jax.tree_util.tree_leaves(theta)
+        if leaves and all(isinstance(leaf, jax.Array) for leaf in leaves):
+            return "jax"
+    raise TypeError(
+        f"theta must be a torch tensor, a jax array (or a pytree of jax arrays) or a numpy "
+        f"array, got {type(theta).__name__}; convert it with torch.as_tensor / jnp.asarray / "
+        f"np.asarray first")
 
 
 def perturbed(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
-              noise: str = "gumbel", control_variate: bool = False, seed: int = 0,
-              event_ndim: int | None = None) -> PerturbedLayer:
+              noise="gumbel", control_variate: bool = False, seed: int = 0,
+              event_ndim: int | None = None, batched: bool | None = None) -> PerturbedLayer:
     """Differentiable theta -> y_sigma(theta) = E[solver(theta + sigma Z)].
 
     The forward pass averages ``num_samples`` solutions computed in *one* call of
     ``solver`` on an array of shape (num_samples, *theta.shape); the backward pass is
     the noise-gradient estimator (1/(N sigma)) sum_i grad nu(Z_i) <y_i, g> (with
     ``control_variate=True``, y_i - solver(theta) replaces y_i: same mean, less variance,
-    the unperturbed theta rides along in the same solver call).  Leading axes of theta
-    are batch axes; ``event_ndim`` (default: ``solver.event_ndim`` or 1) trailing axes
-    form one problem.  Works on torch tensors (autograd) and jax arrays (custom_jvp:
-    grad, jacfwd, jit, vmap); noise is drawn on theta's device.
+    the unperturbed theta rides along in the same solver call).  Second and higher
+    derivatives are the likelihood-ratio estimator's (unbiased, noisier), never zero.
+
+    ``noise``: "gumbel", "normal", or a distribution object (jax: optax's/jaxopt's
+    ``sample``/``log_prob`` protocol; torch: a scalar ``torch.distributions`` law with an
+    ``icdf``).  Leading axes of theta are batch axes; ``event_ndim`` (default:
+    ``solver.event_ndim`` or 1) trailing axes form one problem.  ``batched``: True if the
+    solver takes leading axes, False if it solves one instance per call (it is then
+    vmapped), None to find out once with a few probe calls (the built-in solvers say True).
+    Works on torch tensors (autograd, double backward, forward AD, torch.func, vmap,
+    ``torch.compile(fullgraph=True)``) and jax arrays or pytrees (grad, hessian, jacfwd,
+    jit, vmap); noise is drawn on theta's device.
 
     Example:
         >>> import torch
@@ -133,22 +209,22 @@ def perturbed(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
         >>> y.sum().item()            # doctest: +ELLIPSIS
         1.0...
     """
-    _check_options(num_samples, sigma, noise, control_variate, seed)
-    nd, _ = solver_info(solver, event_ndim=event_ndim)
-    return PerturbedLayer(solver, int(num_samples), float(sigma), noise, control_variate,
-                          int(seed), nd)
+    return PerturbedLayer(common.make_spec(
+        solver, num_samples=num_samples, sigma=sigma, noise=noise,
+        control_variate=control_variate, seed=seed, event_ndim=event_ndim, output="mean",
+        batched=batched))
 
 
 def perturbed_max(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
-                  noise: str = "gumbel", control_variate: bool = False, seed: int = 0,
-                  event_ndim: int | None = None) -> PerturbedLayer:
+                  noise="gumbel", control_variate: bool = False, seed: int = 0,
+                  event_ndim: int | None = None, batched: bool | None = None) -> PerturbedLayer:
     """Smoothed optimal value theta -> F_sigma(theta) = E[<y*(theta + sigma Z), theta + sigma Z>].
 
-    Its gradient is y_sigma(theta) (the same samples), and its Hessian in jax is the
-    perturbed Jacobian estimate; torch gives first derivatives only (a second backward
-    through the layer raises, rather than returning a silent zero).  The solver's output must have theta's event shape.
-    For a maximizing solver and Gumbel noise, perturbed_max of ``argmax_onehot`` is
-    sigma * logsumexp(theta / sigma) + sigma * euler_gamma.
+    Its gradient is y_sigma(theta) from the same samples, its Hessian the perturbed
+    Jacobian estimate (both frameworks: jax.hessian, torch double backward), its third
+    derivative the likelihood-ratio estimate, and so on.  The solver's output must have
+    theta's event shape.  For a maximizing solver and Gumbel noise, perturbed_max of
+    ``argmax_onehot`` is sigma * logsumexp(theta / sigma) + sigma * euler_gamma.
 
     Example:
         >>> import numpy as np
@@ -157,17 +233,17 @@ def perturbed_max(solver: Callable, *, num_samples: int = 1000, sigma: float = 0
         >>> round(float(f(np.zeros(2))), 1)   # log 2 + 0.577...
         1.3
     """
-    layer = perturbed(solver, num_samples=num_samples, sigma=sigma, noise=noise,
-                      control_variate=control_variate, seed=seed, event_ndim=event_ndim)
-    return dataclasses.replace(layer, output="value", _generators={})
+    return PerturbedLayer(common.make_spec(
+        solver, num_samples=num_samples, sigma=sigma, noise=noise,
+        control_variate=control_variate, seed=seed, event_ndim=event_ndim, output="value",
+        batched=batched))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
 class FenchelYoungLoss:
     """The loss returned by :func:`fenchel_young_loss`; call it as ``loss(theta, y)``."""
 
-    layer: PerturbedLayer
-    sense: str
+    def __init__(self, layer: PerturbedLayer, sense: str):
+        self.layer, self.sense = layer, sense
 
     def __call__(self, theta, y, *, key=None, generator=None):
         """Loss per batch element (shape theta.shape[:-event_ndim])."""
@@ -195,9 +271,9 @@ class FenchelYoungLoss:
 
 
 def fenchel_young_loss(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
-                       noise: str = "gumbel", control_variate: bool = False, seed: int = 0,
-                       event_ndim: int | None = None, sense: str | None = None
-                       ) -> FenchelYoungLoss:
+                       noise="gumbel", control_variate: bool = False, seed: int = 0,
+                       event_ndim: int | None = None, sense: str | None = None,
+                       batched: bool | None = None) -> FenchelYoungLoss:
     """Perturbed Fenchel-Young loss ``loss(theta, y)``, a convex function of theta.
 
     For a maximizing solver (``sense="max"``, the default unless ``solver.sense`` says
@@ -205,6 +281,7 @@ def fenchel_young_loss(solver: Callable, *, num_samples: int = 1000, sigma: floa
     minimizing one (shortest paths, assignments): loss = <theta, y> - F_sigma(theta),
     gradient y - y_sigma(theta).  The loss omits the y-dependent constant that would
     make it nonnegative; it is minimized in theta exactly when y_sigma(theta) = y.
+    Per batch element, not averaged (PyEPO's ``perturbedFenchelYoung`` averages).
 
     Example:
         >>> import torch
@@ -217,44 +294,65 @@ def fenchel_young_loss(solver: Callable, *, num_samples: int = 1000, sigma: floa
     """
     _, s = solver_info(solver, event_ndim=event_ndim, sense=sense)
     layer = perturbed_max(solver, num_samples=num_samples, sigma=sigma, noise=noise,
-                          control_variate=control_variate, seed=seed, event_ndim=event_ndim)
+                          control_variate=control_variate, seed=seed, event_ndim=event_ndim,
+                          batched=batched)
     return FenchelYoungLoss(layer, s)
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- numpy
 
 
-def check_samples(Y, layer: PerturbedLayer, theta_shape: tuple, n_rows: int) -> tuple:
-    """Validate the stacked solver output; return its event shape."""
-    batch = tuple(theta_shape[: len(theta_shape) - layer.event_ndim])
-    lead = (n_rows,) + batch
-    if tuple(Y.shape[: len(lead)]) != lead:
-        raise ValueError(
-            f"the solver must keep the leading (sample, *batch) axes {lead} of its input; "
-            f"it returned shape {tuple(Y.shape)}.  Set event_ndim if the solver treats more "
-            f"trailing axes as one problem")
-    out_event = tuple(Y.shape[len(lead):])
-    if layer.output == "value" and out_event != tuple(theta_shape[len(batch):]):
-        raise ValueError(
-            f"perturbed_max / fenchel_young_loss need a solver whose output has theta's event "
-            f"shape {tuple(theta_shape[len(batch):])} (a linear objective <y, theta>); got "
-            f"{out_event}")
-    return out_event
-
-
-def _perturbed_numpy(layer: PerturbedLayer, theta: np.ndarray):
+def _perturbed_numpy(spec: common.PerturbedSpec, theta: np.ndarray):
     """Forward-only estimate on numpy arrays (no gradient), noise from the layer's seed."""
-    rng = np.random.default_rng(layer.seed)
-    shape = (layer.num_samples,) + theta.shape
-    if layer.noise == "gumbel":
+    if spec.noise.kind == "custom":
+        raise TypeError("a noise distribution object needs torch or jax inputs; numpy inputs "
+                        "take noise='gumbel' or 'normal'")
+    fmax = np.finfo(theta.dtype).max
+    common.check_sigma_for_dtype(spec.sigma, theta.dtype, fmax)
+    if theta.size:
+        common.check_theta_magnitude(float(np.abs(theta).max()), spec.sigma, theta.dtype, fmax)
+    rng = np.random.default_rng(spec.seed)
+    shape = (spec.num_samples,) + theta.shape
+    if spec.noise.kind == "gumbel":
         Z = -np.log(rng.standard_exponential(shape))
     else:
         Z = rng.standard_normal(shape)
-    P = theta + layer.sigma * Z.astype(theta.dtype)
-    Y = np.asarray(layer.solver(P), dtype=theta.dtype)
-    check_samples(Y, layer, theta.shape, layer.num_samples)
-    if layer.output == "mean":
+    P = theta + spec.sigma * Z.astype(theta.dtype)
+    Y = np.asarray(_solve_numpy(spec, P), dtype=theta.dtype)
+    common.check_samples(Y.shape, spec, theta.shape, spec.num_samples)
+    if spec.output == "mean":
         return Y.mean(axis=0)
-    axes = tuple(range(Y.ndim - layer.event_ndim, Y.ndim))
+    axes = tuple(range(Y.ndim - spec.event_ndim, Y.ndim))
     return (Y * P).sum(axis=axes).mean(axis=0)
 
+
+def _solve_numpy(spec, P):
+    from ._combinatorial_common import decide_batched_outputs, validated_inputs
+
+    event = P.shape[P.ndim - spec.event_ndim:]
+    batched = spec.batched
+    if batched is None:
+        key = ("numpy", event, P.dtype.str)
+        if key not in spec.cache:
+            x = np.random.default_rng(0).standard_normal((3,) + event).astype(P.dtype)
+
+            def attempt(arg):
+                try:
+                    with validated_inputs():
+                        return np.asarray(spec.solver(arg), dtype=np.float64)
+                except Exception:  # noqa: BLE001
+                    return None
+
+            spec.cache[key] = decide_batched_outputs(attempt(x), [attempt(r) for r in x])
+        batched = spec.cache[key]
+    with validated_inputs():
+        if batched:
+            return spec.solver(P)
+        lead = P.shape[: P.ndim - spec.event_ndim]
+        flat = P.reshape((-1,) + event)
+        out = np.stack([np.asarray(spec.solver(row)) for row in flat])
+        return out.reshape(lead + out.shape[1:])
+
+
+__all__ = ["perturbed", "perturbed_max", "fenchel_young_loss", "PerturbedLayer",
+           "FenchelYoungLoss"]

@@ -1,4 +1,4 @@
-"""Backward passes that replace the (zero almost everywhere) Jacobian of a solver.
+"""Backward passes that replace the (zero almost everywhere) Jacobian of a solver: public API.
 
 - identity with projection (Sahoo et al., ICLR 2023): the forward pass is the solver,
   the backward pass returns +P(g) for a maximizing solver and -P(g) for a minimizing
@@ -9,69 +9,66 @@
   (y(t) - y(t - lambda g)) / lambda for a maximizing one.
 
 Neither is the derivative of anything the forward pass computes: they are surrogate
-directions, which is why the report suite audits them only for sign and scale.
+directions, which is why the report suite audits them only for sign and scale, and why
+second derivatives and forward mode raise.  This module validates and dispatches; the
+framework code lives in ``_surrogate_backward_torch`` / ``_surrogate_backward_jax``, the
+shared pieces in ``_surrogate_common``.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Callable
 
-from ._combinatorial_common import check_array, solver_info
+from . import _surrogate_common as common
+from ._combinatorial_common import check_array
 
-PROJECTIONS = (None, "mean", "norm", "std")
+PROJECTIONS = common.PROJECTIONS
 
 
-@dataclasses.dataclass(frozen=True)
 class SurrogateLayer:
     """A solver with a surrogate backward pass; see :func:`identity_backward`,
     :func:`blackbox_backward`.  ``method`` is "identity" or "blackbox"."""
 
-    solver: Callable
-    method: str
-    projection: str | None
-    lambda_: float
-    sense: str
-    event_ndim: int
+    def __init__(self, spec: common.SurrogateSpec):
+        self.spec = spec
+
+    solver = property(lambda self: self.spec.solver)
+    method = property(lambda self: self.spec.method)
+    projection = property(lambda self: self.spec.projection)
+    lambda_ = property(lambda self: self.spec.lambda_)
+    sense = property(lambda self: self.spec.sense)
+    event_ndim = property(lambda self: self.spec.event_ndim)
 
     def __call__(self, theta):
-        fw = check_array(theta, "theta", event_ndim=self.event_ndim)
+        fw = check_array(theta, "theta", event_ndim=self.spec.event_ndim)
         if fw == "torch":
             from ._surrogate_backward_torch import surrogate_torch
 
-            return surrogate_torch(self, theta)
+            return surrogate_torch(self.spec, theta)
         if fw == "jax":
             from ._surrogate_backward_jax import surrogate_jax
 
-            return surrogate_jax(self, theta)
+            return surrogate_jax(self.spec, theta)
         # numpy has no autodiff: the forward pass is all there is.
-        return self.solver(theta)
+        return self.spec.solver(theta)
 
     def explain(self) -> str:
-        if self.method == "identity":
-            sign = "+" if self.sense == "max" else "-"
-            return (f"forward: the solver; backward: {sign}P(g) with P = "
-                    f"{self.projection or 'identity'} (identity with projection)")
-        if self.sense == "min":
-            rule = f"(y(w + {self.lambda_} g) - y(w)) / {self.lambda_}"
-        else:
-            rule = f"(y(t) - y(t - {self.lambda_} g)) / {self.lambda_}"
-        return f"forward: the solver; backward: {rule} (blackbox differentiation)"
+        return common.explain(self.spec)
 
     def to_json(self) -> dict:
-        return {"solver": getattr(self.solver, "__name__", repr(self.solver)),
-                "method": self.method, "projection": self.projection,
-                "lambda_": self.lambda_, "sense": self.sense, "event_ndim": self.event_ndim}
+        return common.to_json(self.spec)
 
 
 def identity_backward(solver: Callable, *, projection: str | None = None,
-                      sense: str | None = None, event_ndim: int | None = None) -> SurrogateLayer:
+                      sense: str | None = None, event_ndim: int | None = None,
+                      batched: bool | None = None) -> SurrogateLayer:
     """The solver in the forward pass, the (projected) identity in the backward pass.
 
     ``projection``: None (g itself), "mean" (g minus its mean over the event axes),
     "norm" (g divided by its Euclidean norm; 0 stays 0) or "std" (mean removed, then
     divided by the standard deviation; constant g gives 0).  The sign is + for a
     maximizing solver and - for a minimizing one (``sense``, default ``solver.sense``).
+    ``batched`` as in :func:`perturbed`.  First-order reverse mode only (torch autograd,
+    torch.func.grad/vjp/vmap, torch.compile; jax grad/vjp/jit/vmap).
 
     Example:
         >>> import torch
@@ -82,19 +79,19 @@ def identity_backward(solver: Callable, *, projection: str | None = None,
         >>> float(w.grad.abs().max())
         0.0
     """
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be None, 'mean', 'norm' or 'std', got {projection!r}")
-    nd, s = solver_info(solver, event_ndim=event_ndim, sense=sense)
-    return SurrogateLayer(solver, "identity", projection, 0.0, s, nd)
+    return SurrogateLayer(common.make_identity(solver, projection=projection, sense=sense,
+                                               event_ndim=event_ndim, batched=batched))
 
 
 def blackbox_backward(solver: Callable, *, lambda_: float = 20.0, sense: str | None = None,
-                      event_ndim: int | None = None) -> SurrogateLayer:
+                      event_ndim: int | None = None,
+                      batched: bool | None = None) -> SurrogateLayer:
     """The solver in the forward pass, blackbox differentiation in the backward pass.
 
     The backward pass calls the solver once more, at theta moved by ``lambda_`` times
     the incoming gradient, and returns the difference quotient (see the module doc).
-    Larger ``lambda_`` gives a smoother, more biased surrogate.
+    Larger ``lambda_`` gives a smoother, more biased surrogate.  First-order reverse mode
+    only, as :func:`identity_backward`.
 
     Example:
         >>> import torch
@@ -105,16 +102,5 @@ def blackbox_backward(solver: Callable, *, lambda_: float = 20.0, sense: str | N
         >>> theta.grad        # theta - 10 g flips the argmax: descent lowers theta[1]
         tensor([[-0.1000,  0.1000]])
     """
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) \
-            or not math.isfinite(lambda_) or lambda_ <= 0:
-        raise ValueError(f"lambda_ must be a finite number > 0, got {lambda_!r}")
-    nd, s = solver_info(solver, event_ndim=event_ndim, sense=sense)
-    return SurrogateLayer(solver, "blackbox", None, float(lambda_), s, nd)
-
-
-def check_output(y, theta, layer: SurrogateLayer):
-    if tuple(y.shape) != tuple(theta.shape):
-        raise ValueError(
-            f"{layer.method}_backward needs a solver whose output has its input's shape "
-            f"{tuple(theta.shape)} (costs and solutions live in the same space); got "
-            f"{tuple(y.shape)}")
+    return SurrogateLayer(common.make_blackbox(solver, lambda_=lambda_, sense=sense,
+                                               event_ndim=event_ndim, batched=batched))

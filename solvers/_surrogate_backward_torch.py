@@ -1,9 +1,22 @@
-"""torch adapter of identity-with-projection and blackbox backward passes."""
+"""torch adapter of identity-with-projection and blackbox backward passes.
+
+One autograd Function in the ``setup_context`` style (so torch.func.grad/vjp/vmap accept
+it, with a generated vmap rule); the solver runs through the opaque ``nonsmooth::solve``
+operator (so ``torch.compile(fullgraph=True)`` works whatever the solver does).  The
+gradient is marked first-order-only: differentiating it again (double backward,
+torch.func.hessian) raises, and so does forward mode, with the reasons in
+``_surrogate_common``.
+
+Contract: depends on ``_surrogate_common`` and ``_torch_ops``, never on the dispatcher
+``_surrogate_backward``.
+"""
 from __future__ import annotations
 
 import torch
 
-from ._surrogate_backward import SurrogateLayer, check_output
+from . import _torch_ops
+from ._combinatorial_common import torch_compiling
+from ._surrogate_common import NO_FORWARD_MODE, NO_SECOND_ORDER, SurrogateSpec
 
 
 def project(g: torch.Tensor, projection, event_ndim: int) -> torch.Tensor:
@@ -23,38 +36,74 @@ def project(g: torch.Tensor, projection, event_ndim: int) -> torch.Tensor:
     return torch.where(scale > 0, g / torch.where(scale > 0, scale, 1), torch.zeros_like(g))
 
 
-def _solve(layer, theta):
-    y = layer.solver(theta)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"the solver returned {type(y).__name__} for a torch input; "
-                        "it must return a torch tensor")
-    check_output(y, theta, layer)
-    return y.to(theta.dtype)
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on a computed gradient whose own derivative is undefined."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p):
+        return p.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError(NO_SECOND_ORDER)
+
+
+class _FirstOrderOnlyFwd(_FirstOrderOnly):
+    @staticmethod
+    def jvp(ctx, dp):
+        raise RuntimeError(NO_SECOND_ORDER)
+
+
+def _solve(spec_id: int, theta: torch.Tensor) -> torch.Tensor:
+    return torch.ops.nonsmooth.solve(theta, spec_id)
 
 
 class _Surrogate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, theta, layer):
-        theta = theta.detach()
-        y = _solve(layer, theta)
-        ctx.layer = layer
-        if layer.method == "blackbox":
-            ctx.save_for_backward(theta, y)
-        return y
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def forward(theta, spec, spec_id):
+        return _solve(spec_id, theta.detach())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        theta, spec, spec_id = inputs
+        ctx.spec, ctx.spec_id = spec, spec_id
+        if spec.method == "blackbox":
+            ctx.save_for_backward(theta, output)
+
+    @staticmethod
     def backward(ctx, g):
-        layer = ctx.layer
-        if layer.method == "identity":
-            p = project(g, layer.projection, layer.event_ndim)
-            return (p if layer.sense == "max" else -p), None
-        theta, y = ctx.saved_tensors
-        lam = layer.lambda_
-        if layer.sense == "min":
-            return (_solve(layer, theta + lam * g) - y) / lam, None
-        return (y - _solve(layer, theta - lam * g)) / lam, None
+        spec = ctx.spec
+        if spec.method == "identity":
+            p = project(g, spec.projection, spec.event_ndim)
+            grad = p if spec.sense == "max" else -p
+        else:
+            theta, y = ctx.saved_tensors
+            lam = spec.lambda_
+            if spec.sense == "min":
+                grad = (_solve(ctx.spec_id, (theta + lam * g).detach()) - y) / lam
+            else:
+                grad = (y - _solve(ctx.spec_id, (theta - lam * g).detach())) / lam
+        if torch.is_grad_enabled():
+            # create_graph / torch.func: make the gradient's own derivative raise.
+            fn = _FirstOrderOnly if torch_compiling() else _FirstOrderOnlyFwd
+            grad = fn.apply(grad)
+        return grad, None, None
 
 
-def surrogate_torch(layer: SurrogateLayer, theta: torch.Tensor) -> torch.Tensor:
-    return _Surrogate.apply(theta, layer)
+class _SurrogateFwd(_Surrogate):
+    @staticmethod
+    def jvp(ctx, dtheta, dspec, dspec_id):
+        raise RuntimeError(NO_FORWARD_MODE)
+
+
+def surrogate_torch(spec: SurrogateSpec, theta: torch.Tensor) -> torch.Tensor:
+    fn = _Surrogate if torch_compiling() else _SurrogateFwd
+    return fn.apply(theta, spec, _torch_ops.id_of(spec))

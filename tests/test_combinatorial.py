@@ -292,3 +292,120 @@ def test_cuda_solvers_agree_with_cpu():
     np.testing.assert_array_equal(topk_mask(5)(x.cuda()).cpu().numpy(), topk_mask(5)(x).numpy())
     np.testing.assert_array_equal(linear_assignment(x[:, :25].reshape(16, 5, 5).cuda()).cpu().numpy(),
                                   linear_assignment(x[:, :25].reshape(16, 5, 5)).numpy())
+
+
+# ----------------------------------------------------------------------------- edge-cost shortest path
+
+
+def scipy_edge_distance(sp, costs, method="D"):
+    """Cheapest top-left -> bottom-right cost on sp's directed grid graph, by SciPy
+    (Dijkstra for nonnegative costs, Bellman-Ford otherwise)."""
+    from scipy.sparse.csgraph import shortest_path
+
+    H, W = sp.grid
+    tails, heads = zip(*sp.arcs)
+    # csgraph drops explicit zeros; a tiny weight keeps the arc without changing the optimum.
+    w = np.where(costs == 0, 1e-300, costs)
+    G = csr_matrix((w, (tails, heads)), shape=(H * W, H * W))
+    return shortest_path(G, method=method, directed=True, indices=0)[H * W - 1]
+
+
+def assert_is_edge_path(sp, y):
+    """y is the indicator of one monotone path: unit flow out of the source into the sink."""
+    H, W = sp.grid
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    flow = np.zeros(H * W)
+    for e, (a, b) in enumerate(sp.arcs):
+        flow[a] -= y[e]
+        flow[b] += y[e]
+    expected = np.zeros(H * W)
+    expected[0], expected[-1] = -1, 1
+    np.testing.assert_array_equal(flow, expected)
+    assert y.sum() == H + W - 2
+
+
+@pytest.mark.parametrize("fw", ["numpy", "torch", "jax"])
+def test_edge_shortest_path_matches_scipy_dijkstra_on_pyepo_grids(fw):
+    from nonsmooth.solvers import shortest_path_edges
+
+    sp = shortest_path_edges((5, 5))
+    assert sp.num_edges == 40 and sp.sense == "min"
+    c = np.random.default_rng(8).uniform(0.1, 5.0, size=(3, 10, 40))
+    y = _to_np(sp(_all_frameworks(c)[fw]))
+    assert y.shape == c.shape
+    for b in itertools.product(range(3), range(10)):
+        assert_is_edge_path(sp, y[b])
+        tol = 1e-4 if fw == "jax" else 1e-9   # jax arrays are float32 here
+        assert abs((y[b] * c[b]).sum() - scipy_edge_distance(sp, c[b])) < tol
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(1, 2), (2, 1), (2, 3), (4, 4), (3, 6)]), st.integers(0, 2 ** 31 - 1),
+       st.sampled_from(["ties", "negative", "zeros"]))
+def test_edge_shortest_path_property_against_scipy(grid, seed, kind):
+    """Property with ties, zero and negative costs (Bellman-Ford as the oracle there): an
+    optimal path, the same one in numpy, torch and jax."""
+    from nonsmooth.solvers import shortest_path_edges
+
+    sp = shortest_path_edges(grid)
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        c = rng.integers(1, 3, size=(4, sp.num_edges)).astype(float)
+    elif kind == "zeros":
+        c = rng.integers(0, 2, size=(4, sp.num_edges)).astype(float)
+    else:
+        c = rng.integers(-3, 4, size=(4, sp.num_edges)).astype(float)
+    outs = [_to_np(sp(v)) for v in _all_frameworks(c).values()]
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+    for b in range(4):
+        assert_is_edge_path(sp, outs[0][b])
+        method = "BF" if kind == "negative" else "D"
+        assert abs(outs[0][b] @ c[b] - scipy_edge_distance(sp, c[b], method)) < 1e-9
+
+
+def test_edge_shortest_path_tie_rule_enters_from_the_left():
+    from nonsmooth.solvers import shortest_path_edges
+
+    sp = shortest_path_edges((2, 2))  # arcs 0->1, 0->2, 1->3, 2->3, all equal
+    for v in _all_frameworks(np.ones((1, 4))).values():
+        np.testing.assert_array_equal(_to_np(sp(v)), [[0, 1, 0, 1]])  # down, then right
+
+
+def test_edge_shortest_path_jit_vmap_compile_and_bad_input():
+    from nonsmooth.solvers import shortest_path_edges
+
+    sp = shortest_path_edges((4, 3))
+    c = np.random.default_rng(9).uniform(0.5, 2, size=(5, sp.num_edges)).astype(np.float32)
+    expected = sp(c)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sp)(jnp.asarray(c))), expected)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(sp)(jnp.asarray(c))), expected)
+    bad = np.asarray(jax.jit(sp)(jnp.asarray(c).at[2, 1].set(jnp.nan)))
+    assert np.isnan(bad[2]).all() and not np.isnan(bad[[0, 1, 3, 4]]).any()
+    torch._dynamo.reset()
+    comp = torch.compile(sp, fullgraph=True, backend="aot_eager")
+    np.testing.assert_array_equal(comp(torch.tensor(c)).numpy(), expected)
+    with pytest.raises(ValueError, match=r"needs 17 edge costs .* got shape \(2, 5\)"):
+        sp(np.ones((2, 5)))
+    with pytest.raises(ValueError, match="grid must be two positive ints"):
+        shortest_path_edges((1, 1))
+    with pytest.raises(ValueError, match="grid must be two positive ints"):
+        shortest_path_edges((2.5, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        sp(torch.full((sp.num_edges,), float("inf")))
+
+
+def test_perturbed_edge_paths_average_to_a_flow():
+    from nonsmooth.solvers import fenchel_young_loss, perturbed, shortest_path_edges
+
+    sp = shortest_path_edges((5, 5))
+    c = torch.rand(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = perturbed(sp, num_samples=200, sigma=0.3)(c)
+    torch.testing.assert_close(y.sum(-1), torch.full((3,), 8.0, dtype=torch.float64))
+    loss = fenchel_young_loss(sp, num_samples=200, sigma=0.3, seed=4)
+    assert loss.sense == "min"
+    t = c.clone().requires_grad_()
+    target = sp(torch.rand(3, 40, dtype=torch.float64))
+    (g,) = torch.autograd.grad(loss(t, target).sum(), t)
+    ys = perturbed(sp, num_samples=200, sigma=0.3, seed=4)(c)
+    torch.testing.assert_close(g, target - ys)

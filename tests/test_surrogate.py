@@ -116,7 +116,7 @@ def test_bad_options_and_shapes():
         blackbox_backward(argmax_onehot, lambda_=0)
     with pytest.raises(ValueError, match="sense must be 'max' or 'min'"):
         blackbox_backward(argmax_onehot, sense="up")
-    with pytest.raises(ValueError, match="output has its input's shape"):
+    with pytest.raises(ValueError, match="must have its input's shape"):
         identity_backward(sort_permutation)(torch.randn(2, 3, requires_grad=True))
     with pytest.raises(ValueError, match="non-finite"):
         blackbox_backward(hard_rank)(torch.tensor([1.0, float("nan")]))
@@ -128,3 +128,74 @@ def test_explanations_name_the_rule():
     assert "-P(g)" in identity_backward(shortest_path_grid, projection="mean").explain()
     assert "y(w + 3.0 g)" in blackbox_backward(shortest_path_grid, lambda_=3.0).explain()
     assert blackbox_backward(argmax_onehot).to_json()["sense"] == "max"
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _layers():
+    return [identity_backward(shortest_path_grid, projection="mean"),
+            identity_backward(argmax_onehot, projection="norm", event_ndim=2),
+            blackbox_backward(shortest_path_grid, lambda_=5.0)]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_torch_func_vmap_and_compile_match_eager_autograd(index):
+    layer = _layers()[index]
+    w = torch.tensor(COSTS)
+    g = torch.tensor(G)
+    t = w.clone().requires_grad_()
+    (eager,) = torch.autograd.grad((layer(t) * g).sum(), t)
+    torch.testing.assert_close(torch.func.grad(lambda x: (layer(x) * g).sum())(w), eager)
+    per_row = torch.func.vmap(torch.func.grad(lambda x, gg: (layer(x) * gg).sum()))(w, g)
+    torch.testing.assert_close(per_row, eager)
+    torch._dynamo.reset()
+    comp = torch.compile(lambda x: (layer(x) * g).sum(), fullgraph=True, backend="aot_eager")
+    t2 = w.clone().requires_grad_()
+    comp(t2).backward()
+    torch.testing.assert_close(t2.grad, eager)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_second_derivatives_and_forward_mode_raise_in_torch(index):
+    layer = _layers()[index]
+    t = torch.tensor(COSTS, requires_grad=True)
+    g = torch.tensor(G)
+    (d,) = torch.autograd.grad((layer(t) ** 2 * g).sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives through identity_backward"):
+        d.sum().backward()
+    with pytest.raises(RuntimeError, match="second derivatives through identity_backward"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: (layer(y) ** 2 * g).sum())(x).sum())(
+            torch.tensor(COSTS))
+    with pytest.raises(RuntimeError, match="forward-mode differentiation .* is not available"):
+        torch.func.jacfwd(layer)(torch.tensor(COSTS))
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.hessian(lambda x: (layer(x) * g).sum())(torch.tensor(COSTS))
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_second_derivatives_raise_in_jax(index):
+    layer = _layers()[index]
+    g = jnp.asarray(G)
+    f = lambda x: jnp.sum(layer(x) ** 2 * g)  # noqa: E731
+    x = jnp.asarray(COSTS)
+    assert np.isfinite(np.asarray(jax.grad(f)(x))).all()
+    with pytest.raises(ValueError, match="second derivatives through identity_backward"):
+        jax.grad(lambda y: jnp.sum(jax.grad(f)(y)))(x)
+    with pytest.raises(Exception, match="second derivatives|forward-mode|custom_vjp"):
+        jax.hessian(f)(x)
+
+
+def test_per_instance_solver_in_surrogates():
+    def one_instance_argmax(x):  # 1-D only
+        return jax.nn.one_hot(jnp.argmax(x), x.shape[0])
+
+    layer = blackbox_backward(one_instance_argmax, lambda_=2.0)
+    theta = jnp.asarray(RNG.normal(size=(5, 6)), jnp.float32)
+    g = jnp.asarray(RNG.normal(size=(5, 6)), jnp.float32)
+    y = layer(theta)
+    np.testing.assert_array_equal(np.asarray(y), argmax_onehot(np.asarray(theta)))
+    d = jax.vjp(layer, theta)[1](g)[0]
+    t64, g64 = np.asarray(theta, np.float64), np.asarray(g, np.float64)
+    expected = (argmax_onehot(t64) - argmax_onehot(t64 - 2.0 * g64)) / 2.0
+    np.testing.assert_allclose(np.asarray(d), expected, atol=1e-6)
