@@ -37,7 +37,8 @@ def _check_leaf(z0, name):
         raise TypeError(f"{name} must have a floating dtype; got {z0.dtype}")
     if z0.size == 0:
         raise ValueError(f"{name} is empty (shape {z0.shape}); a fixed point needs at least one entry")
-    if not isinstance(z0, jax.core.Tracer) and not bool(jnp.isfinite(z0).all()):
+    # NumPy on concrete values: a jnp op here would be staged (and unreadable) inside a jit trace
+    if not isinstance(z0, jax.core.Tracer) and not bool(np.isfinite(np.asarray(z0, dtype=np.float64)).all()):
         raise ValueError(f"{name} contains NaN/inf; start the solve from finite values")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ._info import ImplicitStats, handle_failure
 from ._options import SolverOptions, check_backward, check_correction, check_state_shape, check_trajectory
-from ._torch_solve import StatePacking, check_state, gmres, no_forward_ad, solve, solve_flat
+from ._torch_solve import _VMAP, StatePacking, _is_vmapped, check_state, gmres, no_forward_ad, solve, solve_flat
 
 _SECOND_ORDER = (
     "the implicit backward gives first-order gradients only: a second derivative through an "
@@ -122,6 +122,8 @@ class _ImplicitSolution(torch.autograd.Function):
         problem = ctx.problem
         if g is None:
             return None, None, None
+        if _is_vmapped(g):  # torch.func.jacrev / vmap over the cotangents
+            raise RuntimeError(_VMAP.format(name="the incoming gradient"))
         with torch.no_grad(), no_forward_ad():
             _, vjp_z = torch.func.vjp(problem.fmap, z_star)
             u = problem.linear_solve(z_star, g.detach(), lambda v: vjp_z(v)[0], "implicit backward")
@@ -129,9 +131,15 @@ class _ImplicitSolution(torch.autograd.Function):
         return _FirstOrderOnly.apply(u, y, g), None, None
 
     @staticmethod
+    def vmap(info, in_dims, y, z_star, problem):  # torch.func.jacfwd / vmap over tangents
+        raise RuntimeError(_VMAP.format(name="the implicit layer's input"))
+
+    @staticmethod
     def jvp(ctx, y_t, z_t, _):
         z_star, y = ctx.saved_tensors
         problem = ctx.problem
+        if _is_vmapped(y_t):  # torch.func.jacfwd / hessian: vmap over the tangents
+            raise RuntimeError(_VMAP.format(name="the tangent"))
         with torch.no_grad():
             # J v as the vjp of the linear map w -> J^T w (nested forward mode is unavailable here)
             fz, vjp_z = torch.func.vjp(problem.fmap, z_star)
@@ -166,6 +174,8 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     steps = check_trajectory(trajectory, opts.max_iter)
     pk = StatePacking(z0, batched, "z0")
     for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and _is_vmapped(a):
+            raise ValueError(_VMAP.format(name=f"args[{i}]"))
         if isinstance(a, torch.Tensor) and torch.is_floating_point(a) and not bool(torch.isfinite(a.detach()).all()):
             raise ValueError(f"args[{i}] contains NaN/inf; the fixed point is undefined there")
 

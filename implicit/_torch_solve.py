@@ -44,6 +44,12 @@ def no_forward_ad():
     return setter(False)
 
 
+_VMAP = ("{name} is batched by torch.func.vmap (or jacfwd/jacrev/hessian, which vmap): the solvers stop each "
+         "sample on its own residual, which vmap cannot trace. The layers are batched already (leading axis); "
+         "for Jacobians use torch.autograd.functional.jacobian (vectorize=False), loop torch.func.vjp/jvp over "
+         "basis vectors, or use the jax layer (nonsmooth.implicit.deq), which composes with vmap.")
+
+
 def _check_leaf(z, name):
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (or a tuple of them); got {type(z).__name__}")
@@ -52,11 +58,7 @@ def _check_leaf(z, name):
     if z.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(z.shape)}); a fixed point needs at least one entry")
     if _is_vmapped(z):
-        raise ValueError(
-            f"{name} is batched by torch.func.vmap (or jacfwd/hessian, which vmap): the solvers stop each "
-            "sample on its own residual, which vmap cannot trace. The layers are batched already (leading "
-            "axis); for Jacobians use torch.autograd.functional.jacobian, torch.func.jacrev on one sample, or "
-            "forward mode with torch.func.jvp / torch.autograd.forward_ad.")
+        raise ValueError(_VMAP.format(name=name))
     if not bool(torch.isfinite(z.detach()).all()):
         flat = torch.flatten(z.detach())
         bad = flat[~torch.isfinite(flat)][:3].tolist()
