@@ -78,6 +78,16 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise RuntimeError(_SECOND_ORDER)
 
 
+def _functorch_wrapped(t) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_functorch_wrapped_tensor(t))
+
+
 class _Problem:
     """What the implicit rules need: the flat map at ``z*``, the backward options, the stats."""
 
@@ -86,6 +96,25 @@ class _Problem:
         self.bopts = bopts
         self.backward_solver = backward_solver
         self.stats = stats
+
+    def vjp_z(self, z_star):
+        """``v -> J^T v`` at ``z*``.  Plain autograd on one retained graph when no ``torch.func``
+        transform is active (cheapest per call); ``torch.func.vjp`` under one (its wrapped
+        tensors cannot take ``requires_grad_``)."""
+        if _functorch_wrapped(z_star):
+            _, vjp = torch.func.vjp(self.fmap, z_star)
+            return lambda v: vjp(v)[0]
+        with torch.enable_grad():
+            z_in = z_star.detach().requires_grad_(True)
+            fz = self.fmap(z_in)
+        if not fz.requires_grad:  # f does not depend on z: J = 0
+            return lambda v: torch.zeros_like(v)
+
+        def vjp(v):
+            (out,) = torch.autograd.grad(fz, z_in, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if out is None else out
+
+        return vjp
 
     def linear_solve(self, z_star, b, op, what):
         """``x = b + op(x)`` per row (``op`` is ``J`` or ``J^T``), by the backward solver."""
@@ -125,8 +154,7 @@ class _ImplicitSolution(torch.autograd.Function):
         if _is_vmapped(g):  # torch.func.jacrev / vmap over the cotangents
             raise RuntimeError(_VMAP.format(name="the incoming gradient"))
         with torch.no_grad(), no_forward_ad():
-            _, vjp_z = torch.func.vjp(problem.fmap, z_star)
-            u = problem.linear_solve(z_star, g.detach(), lambda v: vjp_z(v)[0], "implicit backward")
+            u = problem.linear_solve(z_star, g.detach(), problem.vjp_z(z_star), "implicit backward")
         # Differentiating u again needs dz*/dtheta, which this graph does not hold: refuse.
         return _FirstOrderOnly.apply(u, y, g), None, None
 

@@ -203,7 +203,7 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
     fin_res = torch.full((batch,), float("nan"), dtype=dtype, device=device)
     fin_abs = fin_res
     fin_rel = fin_res
-    history, abs_hist, rel_hist = [], [], []
+    history = []  # (3, batch) per step: stopping, absolute and relative residual
     recorded = {}
     want = set(trajectory)
     hist_dg, hist_dx, hist_u, hist_v = [], [], [], []
@@ -222,10 +222,17 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
             out = out + v * (u * x).sum(1, keepdim=True)
         return out
 
+    beta = opts.beta
+    stop_rel = opts.stop == "rel"
+    eye_cache = {}
     for k in range(opts.max_iter):
         fz = fmap(z)
-        finite = torch.isfinite(fz).all(1)
-        if not bool(finite.all()):
+        g = fz - z
+        absr = torch.linalg.vector_norm(g, dim=1)
+        fzn = torch.linalg.vector_norm(fz, dim=1)
+        # z is finite, so a NaN/inf anywhere in f(z) shows in |f(z) - z|: one small check per step
+        if not bool(torch.isfinite(absr).all()):
+            finite = torch.isfinite(absr)
             bad = torch.flatten(torch.nonzero(~finite)).tolist()
             last = fin_res[bad[0]].item() if k else float("nan")
             raise FloatingPointError(
@@ -233,28 +240,24 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
                 f"(last finite residual {last:.3g}). The iteration is diverging or f is undefined there: "
                 "lower beta (damping), use method='picard', or check that the map is a contraction."
             )
-        g = fz - z
-        absr = torch.linalg.vector_norm(g, dim=1)
-        rel = absr / (torch.linalg.vector_norm(fz, dim=1) + tiny)
-        res = rel if opts.stop == "rel" else absr
+        rel = absr / (fzn + tiny)
+        res = rel if stop_rel else absr
         fin_res = torch.where(active, res, fin_res)
         fin_abs = torch.where(active, absr, fin_abs)
         fin_rel = torch.where(active, rel, fin_rel)
-        history.append(fin_res.detach())
-        abs_hist.append(fin_abs.detach())
-        rel_hist.append(fin_rel.detach())
+        history.append(torch.stack((fin_res, fin_abs, fin_rel)).detach())
         improved = active & (res < best_res)
         best_res = torch.where(improved, res, best_res)
         best_z = torch.where(improved[:, None], fz, best_z)
-        done = active & ((res <= opts.tol) | (absr <= opts.atol))
-        steps = torch.where(active, torch.full_like(steps, k + 1), steps)
+        done = active & ((res <= opts.tol) | (absr <= opts.atol)) if opts.atol > 0 else active & (res <= opts.tol)
+        steps = torch.where(active, k + 1, steps)
         active = active & ~done
         if not bool(active.any()):
             z = torch.where(done[:, None], fz, z)
             break
 
         if opts.method == "picard":
-            z_next = z + opts.beta * g
+            z_next = fz if beta == 1.0 else z + beta * g
         elif opts.method == "anderson":
             if z_prev is not None:
                 hist_dg.append(g - g_prev)
@@ -263,23 +266,31 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
                     hist_dg.pop(0)
                     hist_dx.pop(0)
             z_prev, g_prev = z, g
+            picard = fz if beta == 1.0 else z + beta * g
             if not hist_dg:
-                z_next = z + opts.beta * g
+                z_next = picard
             else:
                 dG = torch.stack(hist_dg, 1)
                 dX = torch.stack(hist_dx, 1)
                 # Normal equations of min |g - dG^T gamma| in float64 (h x h, h <= m); the
                 # Tikhonov term is scaled to the residual differences, so it neither
                 # vanishes nor dominates as the residuals shrink.
-                gram = (dG @ dG.transpose(1, 2)).double()
-                rhs = (dG @ g.unsqueeze(-1)).double()
+                gram = torch.bmm(dG, dG.transpose(1, 2))
+                rhs = torch.bmm(dG, g.unsqueeze(-1))
+                if dtype != torch.float64:
+                    gram, rhs = gram.double(), rhs.double()
+                h = gram.shape[-1]
+                eye = eye_cache.get(h)
+                if eye is None:
+                    eye = eye_cache[h] = torch.eye(h, dtype=torch.float64, device=device)
                 scale = torch.diagonal(gram, dim1=1, dim2=2).mean(-1)
-                eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=device)
-                gram = gram + (opts.lam * scale + 1e-300)[:, None, None] * eye
-                gamma = torch.linalg.solve(gram, rhs).to(dtype)
-                z_next = z + opts.beta * g - ((dX + opts.beta * dG).transpose(1, 2) @ gamma).squeeze(-1)
-                ok = torch.isfinite(z_next).all(1, keepdim=True)
-                z_next = torch.where(ok, z_next, z + opts.beta * g)
+                gram = torch.addcmul(gram, (opts.lam * scale + 1e-300)[:, None, None], eye)
+                gamma = torch.linalg.solve(gram, rhs)
+                if dtype != torch.float64:
+                    gamma = gamma.to(dtype)
+                step = torch.bmm((dX + dG if beta == 1.0 else dX + beta * dG).transpose(1, 2), gamma).squeeze(-1)
+                # a singular mixing system gives NaN gamma: fall back to the plain step for that row
+                z_next = torch.where(torch.isfinite(gamma).all(1), picard - step, picard)
         else:  # broyden
             if z_prev is not None:
                 s = z - z_prev
@@ -306,6 +317,7 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
     converged = ~active
     z = torch.where(active[:, None], best_z, z)
     traj = tuple(recorded.get(s, z.detach()) for s in trajectory)
+    hist = to_numpy(torch.stack(history))
     info = SolveInfo(
         method=opts.method,
         stop=opts.stop,
@@ -315,11 +327,11 @@ def solve_flat(fmap, z, opts: SolverOptions, *, what: str = "fixed_point", traje
         residual=to_numpy(fin_res),
         rel_residual=to_numpy(fin_rel),
         abs_residual=to_numpy(fin_abs),
-        history=to_numpy(torch.stack(history)),
+        history=hist[:, 0],
         best_returned=to_numpy(active),
         nonfinite=False,
-        abs_history=to_numpy(torch.stack(abs_hist)),
-        rel_history=to_numpy(torch.stack(rel_hist)),
+        abs_history=hist[:, 1],
+        rel_history=hist[:, 2],
         trajectory=traj,
         trajectory_steps=tuple(trajectory),
         state_dtype=state_dtype,
