@@ -120,12 +120,13 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
 
     bopts = _backward_options(opts, backward_solver, backward_tol, backward_max_iter)
 
-    def linear_solve(op, b, what_solve, report):
-        """``x`` with ``x - op(x) = ... `` i.e. ``(I - J) x = b`` given ``op(x) = x - (I - J) x``."""
+    def linear_solve(J, b, what_solve, report):
+        """``x = b + J x``, i.e. ``(I - J) x = b``, with ``J`` applied directly: iterating on
+        ``x - (I - J) x`` instead would cancel to a floor of ``eps |x|`` in the residual."""
         if backward_solver == "gmres":
-            x, binfo = _gmres(lambda v: op(v), b, bopts)
+            x, binfo = _gmres(lambda v: v - J(v), b, bopts)
         else:
-            x, binfo = solve_flat(lambda v: b + v - op(v), b, bopts)
+            x, binfo = solve_flat(lambda v: b + J(v), b, bopts)
         finish(binfo, bopts.on_failure, what_solve)
         if report and on_backward is not None:
             jax.debug.callback(lambda i: on_backward(i), binfo)
@@ -150,10 +151,15 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
         def matvec(v):  # (I - J) v
             return one * v - jax.jvp(lambda zz: call(zz, prm), (z,), (v,))[1]
 
-        dz = jax.lax.custom_linear_solve(
-            matvec, rhs,
-            solve=lambda mv, b: linear_solve(mv, b, "implicit tangent solve", False),
-            transpose_solve=lambda vm, b: linear_solve(vm, b, "implicit backward", True))
+        def tangent_solve(_, b):  # jax's own matvec is (I - J): its cancellation is avoided
+            return linear_solve(lambda v: jax.jvp(lambda zz: call(zz, prm), (z,), (v,))[1], b,
+                                "implicit tangent solve", False)
+
+        def adjoint_solve(_, b):
+            _, vjp_z = jax.vjp(lambda zz: call(zz, prm), z)
+            return linear_solve(lambda v: vjp_z(v)[0], b, "implicit backward", True)
+
+        dz = jax.lax.custom_linear_solve(matvec, rhs, solve=tangent_solve, transpose_solve=adjoint_solve)
         return (z, info), (dz, jax.tree_util.tree_map(_zero_tangent, info))
 
     z, info = layer(params, z0f)
@@ -175,7 +181,9 @@ def _exact_zero(tree):
 
 def _gmres(matvec, b, bopts):
     """GMRES on the whole (flattened) system ``matvec(u) = b``; one residual for the batch."""
-    u, _ = jax.scipy.sparse.linalg.gmres(matvec, b, x0=b, tol=bopts.tol, atol=0.0,
+    rel = bopts.stop == "rel"
+    u, _ = jax.scipy.sparse.linalg.gmres(matvec, b, x0=b, tol=bopts.tol if rel else 0.0,
+                                         atol=0.0 if rel else bopts.tol,
                                          restart=min(bopts.max_iter, 50), maxiter=max(1, bopts.max_iter // 50))
     r = b - matvec(u)
     absr = jnp.sqrt(jnp.sum(r * r))
