@@ -306,3 +306,21 @@ def test_implicit_model_runs_in_bfloat16():
     y = model(torch.randn(3, 4, dtype=torch.bfloat16))
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and model.A.grad.dtype == torch.bfloat16
+
+
+def test_jacobian_regularization_matches_torchdeq_on_the_same_noise():
+    torchdeq_loss = pytest.importorskip("torchdeq.loss")  # a second implementation, same normalisation
+    torch.manual_seed(9)
+    W = torch.randn(6, 6) * 0.3
+    x = torch.randn(4, 6)
+    z = torch.randn(4, 6)
+
+    def f(z, x):
+        return torch.tanh(z @ W.T + x)
+
+    z0 = z.clone().requires_grad_(True)
+    torch.manual_seed(123)
+    theirs = torchdeq_loss.jac_reg(f(z0, x), z0, vecs=3)
+    torch.manual_seed(123)
+    ours = jacobian_regularization(f, z, x, n_samples=3)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
