@@ -170,8 +170,8 @@ class ImplicitStats:
     """Forward and backward solve statistics of one implicit layer call.
 
     ``forward`` is known when the call returns; ``backward`` is filled in when the
-    backward pass runs (``None`` before that, and for backward modes without a solve:
-    ``phantom``, ``jfb``, ``unroll``).
+    backward pass runs -- or a forward-mode tangent solve (``None`` before that, and for
+    backward modes without a solve: ``phantom``, ``jfb``, ``unroll``).
 
     Example:
         >>> import torch
