@@ -143,9 +143,10 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
         dprm, _ = tangents
         z, info = layer(prm, start)  # through the layer again: outer derivatives use this rule too
         _, rhs = jax.jvp(lambda p: call(z, p), (prm,), (dprm,))
-        # An exact 1 (tangent an exact 0) that carries every outer tangent: custom_linear_solve's jvp rule binds a
-        # symbolic-zero right-hand side (and fails) when neither it nor the matvec moves, which
-        # happens in second derivatives of maps affine in z; through the matvec it always moves.
+        # An exact 1 (tangent an exact 0) that carries every outer tangent: custom_linear_solve's
+        # jvp rule binds a symbolic-zero right-hand side (and fails) when neither it nor the
+        # matvec moves, which happens in second derivatives of maps affine in z; through the
+        # matvec it now always moves.
         one = 1 + _exact_zero((z, prm))
 
         def matvec(v):  # (I - J) v

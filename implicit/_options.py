@@ -82,7 +82,8 @@ def check_trajectory(trajectory, max_iter: int) -> tuple:
         raise TypeError(f"trajectory must be None, an int or a sequence of ints; got {trajectory!r}")
     if isinstance(trajectory, int):
         if not 1 <= trajectory <= max_iter:
-            raise ValueError(f"trajectory={trajectory!r} asks for that many states; it must be in [1, max_iter={max_iter}]")
+            raise ValueError(f"trajectory={trajectory!r} asks for that many states; it must be in "
+                             f"[1, max_iter={max_iter}]")
         return tuple(sorted({max(1, round(max_iter * (i + 1) / trajectory)) for i in range(trajectory)}))
     try:
         steps = list(trajectory)

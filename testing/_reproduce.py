@@ -287,7 +287,8 @@ def _own_source(f, script: _Script, name: str) -> list | None:
         return None
     segment = textwrap.dedent(ast.get_source_segment(text, node, padded=True) or "")
     if isinstance(node, ast.Lambda):
-        body = [f"{name} = (  # from {filename}:{node.lineno}"] + ["    " + ln for ln in segment.strip().splitlines()] + [")"]
+        lines = ["    " + ln for ln in segment.strip().splitlines()]
+        body = [f"{name} = (  # from {filename}:{node.lineno}", *lines, ")"]
     else:
         for dec in node.decorator_list:
             script.missing.append(f"decorator @{ast.unparse(dec)} of {f.__name__} (dropped: only the bare function "
