@@ -3,9 +3,11 @@
 Solvers and implicit differentiation work on torch tensors and jax arrays alike (the array
 type of ``z0`` picks the backend):
 
-- ``fixed_point``, ``root``: batched Picard / Anderson / Broyden solves returning ``SolveInfo``.
+- ``fixed_point``, ``root``: batched Picard / Anderson / Broyden solves returning ``SolveInfo``
+  (per-iteration residuals, optional trajectory of states); tensor, tuple or pytree states.
 - ``implicit_fixed_point``, ``implicit_root``: differentiable solutions with backward modes
-  ``implicit``, ``phantom``, ``jfb``, ``unroll``.
+  ``implicit``, ``phantom``, ``jfb``, ``unroll``; forward mode in both frameworks, exact second
+  derivatives in jax; ``jacobian_regularization`` (Bai et al. 2021).
 - ``DEQ``, ``EquilibriumCell``, ``ImplicitModel`` (torch ``nn.Module``); ``deq``, ``implicit_model``
   (jax, pure functions); ``project_rows_l1``, ``pf_eigenvalue`` (well-posedness).
 - ``check_invertibility``, ``implicit_jacobian_set``, ``audit_implicit``: the nonsmooth implicit
@@ -19,7 +21,14 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-from ._api import fixed_point, implicit_fixed_point, implicit_root, project_rows_l1, root
+from ._api import (
+    fixed_point,
+    implicit_fixed_point,
+    implicit_root,
+    jacobian_regularization,
+    project_rows_l1,
+    root,
+)
 from ._info import ConvergenceError, ConvergenceWarning, ImplicitStats, SolveInfo
 from ._invertibility import (
     ElementwiseLayer,
@@ -43,6 +52,7 @@ __all__ = [
     "root",
     "implicit_fixed_point",
     "implicit_root",
+    "jacobian_regularization",
     "SolveInfo",
     "ImplicitStats",
     "ConvergenceError",

@@ -20,6 +20,10 @@ class ConvergenceWarning(RuntimeWarning):
     """A solve did not reach its tolerance (``on_failure="warn"``, the default)."""
 
 
+# machine epsilon of the 16-bit float types (float32 is the solver's own working precision for them)
+_LOW_PRECISION_EPS = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+
+
 def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
@@ -37,10 +41,16 @@ class SolveInfo:
         abs_residual: ``|f(z) - z|`` (root form: ``|F(z)|``), Euclidean norm per sample.
         history: stopping residual per iteration, shape ``(iterations, batch)``; entries after
             a sample converged repeat its final value (jax pads the unused iterations with NaN).
+        abs_history, rel_history: the absolute and relative residuals per iteration, same layout.
         best_returned: per sample, True where the solve failed and the iterate with the
             smallest residual was returned instead of the last one.
         nonfinite: True when a NaN/inf iterate stopped the solve (jax under ``jit``; eager
             solves raise ``FloatingPointError`` instead).
+        trajectory_steps, trajectory: the iterations asked for with ``trajectory=`` and the
+            states after that many steps (a sample that stopped earlier contributes its final
+            state).  From ``fixed_point`` they are plain values; from the implicit layers each
+            is differentiable through ``correction_steps`` damped steps of ``f`` (the
+            fixed-point-correction loss of Bai et al. 2022).  Empty when not asked for.
 
     Example:
         >>> import torch
@@ -61,6 +71,11 @@ class SolveInfo:
     history: Any
     best_returned: Any
     nonfinite: Any = False
+    abs_history: Any = None
+    rel_history: Any = None
+    trajectory: Any = ()
+    trajectory_steps: tuple = ()
+    state_dtype: str = ""
 
     @property
     def all_converged(self) -> bool:
@@ -93,6 +108,13 @@ class SolveInfo:
                 "was returned. Raise max_iter, try method='anderson' or a smaller beta (damping), "
                 "or check that the map is a contraction."
             )
+            eps = _LOW_PRECISION_EPS.get(self.state_dtype)
+            if eps is not None and self.tol < 4 * eps:
+                lines.append(
+                    f"The state is {self.state_dtype}: f is evaluated in {self.state_dtype}, whose resolution "
+                    f"({eps:.1e}) limits the residual; tol={self.tol:g} is below what it can reach. Use "
+                    f"tol >= {4 * eps:.0e} (or a float32 state)."
+                )
             small = _np(self.abs_residual).reshape(-1)[failed]
             rel = _np(self.rel_residual).reshape(-1)[failed]
             if self.stop == "rel" and np.any((small < 1e-6) & (rel > self.tol)):
@@ -120,6 +142,9 @@ class SolveInfo:
             "rel_residual": clean(self.rel_residual),
             "abs_residual": clean(self.abs_residual),
             "history": clean(self.history),
+            "abs_history": None if self.abs_history is None else clean(self.abs_history),
+            "rel_history": None if self.rel_history is None else clean(self.rel_history),
+            "trajectory_steps": list(self.trajectory_steps),
             "best_returned": clean(self.best_returned),
             "nonfinite": bool(_np(self.nonfinite)),
             "explanation": self.explain(),
@@ -145,8 +170,8 @@ class ImplicitStats:
     """Forward and backward solve statistics of one implicit layer call.
 
     ``forward`` is known when the call returns; ``backward`` is filled in when the
-    backward pass runs (``None`` before that, and for backward modes without a solve:
-    ``phantom``, ``jfb``, ``unroll``).
+    backward pass runs -- or a forward-mode tangent solve (``None`` before that, and for
+    backward modes without a solve: ``phantom``, ``jfb``, ``unroll``).
 
     Example:
         >>> import torch
@@ -159,6 +184,11 @@ class ImplicitStats:
     """
 
     __slots__ = ("forward", "backward_mode", "_backward")
+
+    @property
+    def trajectory(self):
+        """The differentiable states at the iterations asked for with ``trajectory=`` (a tuple)."""
+        return self.forward.trajectory
 
     def __init__(self, forward: SolveInfo, backward_mode: str):
         self.forward = forward

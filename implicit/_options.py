@@ -71,10 +71,74 @@ def check_backward(backward, backward_solver, phantom_steps, phantom_damping):
         raise ValueError(f"phantom_damping must be in (0, 1]; got {phantom_damping!r}")
 
 
+def check_trajectory(trajectory, max_iter: int) -> tuple:
+    """``trajectory=`` as a sorted tuple of distinct iteration numbers in ``[1, max_iter]``.
+
+    An int ``n`` asks for ``n`` iterations spread evenly up to ``max_iter`` (torchdeq's
+    ``n_states``); a sequence names them (torchdeq's ``indexing``)."""
+    if trajectory is None:
+        return ()
+    if isinstance(trajectory, bool):
+        raise TypeError(f"trajectory must be None, an int or a sequence of ints; got {trajectory!r}")
+    if isinstance(trajectory, int):
+        if not 1 <= trajectory <= max_iter:
+            raise ValueError(f"trajectory={trajectory!r} asks for that many states; it must be in "
+                             f"[1, max_iter={max_iter}]")
+        return tuple(sorted({max(1, round(max_iter * (i + 1) / trajectory)) for i in range(trajectory)}))
+    try:
+        steps = list(trajectory)
+    except TypeError:
+        raise TypeError(f"trajectory must be None, an int or a sequence of ints; got {trajectory!r}") from None
+    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_iter]
+    if bad or not steps:
+        raise ValueError(f"trajectory={trajectory!r}: iteration numbers must be ints in [1, max_iter={max_iter}]"
+                         + (f"; bad: {bad!r}" if bad else "; got none"))
+    return tuple(sorted(set(steps)))
+
+
+def check_correction(steps, damping):
+    _positive_int("correction_steps", steps)
+    _positive_float("correction_damping", damping)
+    if damping > 1:
+        raise ValueError(f"correction_damping must be in (0, 1]; got {damping!r}")
+
+
+def check_state_shape(state_shape):
+    """``state_shape``: one per-sample shape (ints >= 1) or, for tuple states, a tuple of them.
+    Returns a tuple of ints, a tuple of such tuples, or None."""
+    if state_shape is None:
+        return None
+
+    def is_seq(v):
+        return isinstance(v, (tuple, list)) or type(v).__name__ == "Size"
+
+    def one(shape):
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        if not is_seq(shape) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            return None
+        return tuple(int(d) for d in shape)
+
+    if is_seq(state_shape) and state_shape and all(is_seq(s) for s in state_shape):
+        shapes = tuple(one(s) for s in state_shape)
+        if all(s is not None for s in shapes):
+            return shapes
+    else:
+        shape = one(state_shape)
+        if shape is not None:
+            return shape
+    raise ValueError(f"state_shape must be the per-sample shape of z, a tuple of ints >= 1 (e.g. (64,)), or a "
+                     f"tuple of such shapes for a tuple state; got {state_shape!r}")
+
+
 def framework_of(x, name: str = "z0") -> str:
     """'torch' or 'jax' for a torch tensor / jax array, without importing either."""
     from nonsmooth._frameworks import array_framework
 
+    if isinstance(x, (tuple, list)) and x:  # a tuple state: its first leaf decides
+        return framework_of(x[0], f"{name}[0]")
+    if isinstance(x, dict) and x:
+        return framework_of(next(iter(x.values())), name)
     framework = array_framework(x)
     if framework in ("torch", "jax"):
         return framework

@@ -81,6 +81,80 @@ def _fd_check(torch, implicit_fixed_point):
     return errors
 
 
+def _modes_checks(torch, DEQ, EquilibriumCell):
+    """gradcheck with defaults, forward mode vs central differences, bfloat16 vs float32."""
+    import torch.autograd.forward_ad as fwAD
+
+    out = []
+    torch.manual_seed(0)
+    layer = DEQ(EquilibriumCell(3, 5, activation="tanh", dtype=torch.float64), state_shape=(5,), tol=1e-12)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    try:
+        ok, why = bool(torch.autograd.gradcheck(layer, (x,), check_forward_ad=True)), "passed"
+    except Exception as err:  # noqa: BLE001 - the report shows the failure
+        ok, why = False, f"{type(err).__name__}: {str(err)[:200]}"
+    out.append(Check("torch DEQ passes torch.autograd.gradcheck (default tolerances, forward and reverse mode)",
+                     ok, why, {"passed": float(ok)}))
+    t = torch.randn(2, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x.detach(), t))).tangent
+    with torch.no_grad():
+        h = 1e-6
+        xd = x.detach()
+        fd = (layer(xd + h * t) - layer(xd - h * t)) / (2 * h)
+    err = float((tangent - fd).abs().max() / fd.abs().max())
+    out.append(Check("torch DEQ forward mode (implicit tangent) matches float64 central differences", err < 1e-6,
+                     f"relative max error {err:.1e}", {"error": err}))
+    torch.manual_seed(1)
+    cell = EquilibriumCell(8, 32, activation="tanh", init_scale=0.6)
+    xs = torch.randn(16, 8)
+    z32 = DEQ(cell, state_shape=(32,), tol=1e-6)(xs).detach()
+    import copy
+
+    low = DEQ(copy.deepcopy(cell), state_shape=(32,), tol=2e-2).to(torch.bfloat16)
+    zb = low(xs.to(torch.bfloat16)).detach().float()
+    rel = float((zb - z32).abs().max() / z32.abs().max())
+    conv = low.last_stats.forward.all_converged
+    out.append(Check("bfloat16 DEQ (f in bfloat16, solver in float32) agrees with float32 within bfloat16 resolution",
+                     rel < 4e-2 and conv, f"relative max difference {rel:.1e}; converged {conv} at tol 2e-2",
+                     {"difference": rel}))
+    return out
+
+
+def _jax_hessian_check():
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from nonsmooth.implicit import deq
+    except ImportError as e:
+        return Check("jax deq second derivatives match finite differences", True, f"skipped: {e}", {})
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(4, 4))
+    W = 0.7 * W / np.linalg.norm(W, 2)
+    x = rng.normal(size=(2, 4))
+
+    def solve_np(W):
+        z = np.zeros((2, 4))
+        for _ in range(5000):
+            z = np.tanh(z @ W.T + x)
+        return float(np.sum(z ** 2))
+
+    with jax.enable_x64(True):
+        layer = deq(lambda p, z, x: jnp.tanh(z @ p.T + x), tol=1e-13, stop="abs", max_iter=500)
+        H = np.asarray(jax.jit(jax.hessian(lambda W: jnp.sum(layer(W, jnp.asarray(x)) ** 2)))(jnp.asarray(W)))
+    h, errs = 1e-4, []
+    for (i, j), (k, m) in (((0, 1), (2, 3)), ((1, 1), (1, 1)), ((3, 0), (0, 2))):
+        E1, E2 = np.zeros_like(W), np.zeros_like(W)
+        E1[i, j], E2[k, m] = h, h
+        fd = (solve_np(W + E1 + E2) - solve_np(W + E1 - E2) - solve_np(W - E1 + E2) + solve_np(W - E1 - E2)) / (4 * h * h)
+        errs.append(abs(H[i, j, k, m] - fd) / max(abs(fd), 1e-3))
+    err = float(max(errs))
+    return Check("jax deq second derivatives (jax.hessian, implicit function theorem applied twice) match float64 "
+                 "finite differences", err < 1e-4, f"relative max error {err:.1e} over 3 entries", {"error": err})
+
+
 def run(*, quick: bool = False, progress=None) -> SuiteResult:
     t0 = time.perf_counter()
     import torch
@@ -110,6 +184,9 @@ def run(*, quick: bool = False, progress=None) -> SuiteResult:
                         errs["jfb"] > 1e-3 and errs["phantom"] > 1e-6,
                         f"relative max error: phantom {errs['phantom']:.1e}, jfb {errs['jfb']:.1e}",
                         {"phantom": errs["phantom"], "jfb": errs["jfb"]}))
+
+    _say(progress, "implicit: gradcheck, forward mode, bfloat16")
+    checks.extend(_modes_checks(torch, DEQ, EquilibriumCell))
 
     _say(progress, "implicit: audits of a ReLU DEQ")
     torch.manual_seed(0)
@@ -229,6 +306,8 @@ def run(*, quick: bool = False, progress=None) -> SuiteResult:
                         ["equation", "invertible", "method", "smallest singular value", "AD's matrix"], inv_rows))
 
     if not quick:
+        _say(progress, "implicit: jax second derivatives")
+        checks.append(_jax_hessian_check())
         _say(progress, "implicit: jax vs torch")
         try:
             import jax

@@ -8,8 +8,9 @@
   along every coordinate whose difference step crosses no kink (no engine needed).
 
 A failure raises ``AssertionError`` carrying the engine's explanation and a
-copy-pasteable reproducer: the inputs printed exactly with ``float.hex``, their dtype,
-the framework and the call.  Every check is also reported to the sinks of
+runnable reproducer: the function rebuilt (imported, or from its own ``lambda``/``def``
+source with the arrays and scalars it captures written out exactly), the inputs printed
+exactly with ``float.hex``, their dtype, the framework and the call.  Every check is also reported to the sinks of
 ``nonsmooth.testing._record`` (the pytest plugin's ``--nonsmooth-json``).
 """
 from __future__ import annotations
@@ -91,62 +92,7 @@ def _check_inputs(x, name: str = "x") -> tuple[str, list]:
 
 
 # ----------------------------------------------------------------------------- reproducers
-def _hex_nested(values: np.ndarray):
-    if values.ndim == 0:
-        return f"float.fromhex({float(values).hex()!r})"
-    return "[" + ", ".join(_hex_nested(v) for v in values) + "]"
-
-
-def _array_source(a, framework: str) -> str:
-    values = _to_numpy64(a)
-    dt = _dtype_name(a)
-    body = _hex_nested(values)
-    if framework == "torch":
-        return f"torch.tensor({body}, dtype=torch.{dt})"
-    return f"jnp.asarray(np.array({body}, dtype=np.float64), dtype=jnp.{dt})"
-
-
-def _function_source(f) -> tuple[str, str]:
-    """(import or definition lines, the expression naming f)."""
-    module = getattr(f, "__module__", None)
-    qualname = getattr(f, "__qualname__", None)
-    if module and qualname and "<" not in qualname and module != "__main__":
-        top = qualname.split(".")[0]
-        expr = qualname
-        return f"from {module} import {top}", expr
-    try:
-        src = inspect.getsource(f).strip()
-    except (OSError, TypeError):
-        src = f"# could not recover the source of {f!r}; define f here"
-    return "# the function under test (copied from its source):\n" + "\n".join(
-        "# " + ln for ln in src.splitlines()) + "\nf = ...  # rebuild it from the source above", "f"
-
-
-def reproducer(call: str, f, x, framework: str, **kwargs) -> str:
-    """Python that re-runs ``call(f, x, **kwargs)`` with ``x`` exactly as it was."""
-    imports, fexpr = _function_source(f)
-    leaves = _leaves(x)
-    dts = sorted({_dtype_name(a) for a in leaves})
-    lines = ["# --- nonsmooth reproducer: copy into a file and run ---"]
-    if framework == "torch":
-        lines.append("import torch")
-    else:
-        lines += ["import numpy as np", "import jax", "import jax.numpy as jnp"]
-    lines.append(f"from nonsmooth.testing import {call}")
-    lines.append(imports)
-    args = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()) if v is not None)
-    indent = ""
-    if framework == "jax" and "float64" in dts:
-        lines.append("with jax.enable_x64(True):  # x is float64")
-        indent = "    "
-    if isinstance(x, (tuple, list)):
-        lines.append(indent + "x = (" + ", ".join(_array_source(a, framework) for a in leaves) + ",)")
-    else:
-        lines.append(indent + "x = " + _array_source(x, framework))
-    lines.append(indent + f"{call}({fexpr}, x{', ' + args if args else ''})")
-    lines.append(f"# framework: {framework}, dtype: {', '.join(dts)}, shape: "
-                 + ", ".join(str(tuple(_to_numpy64(a).shape)) for a in leaves))
-    return "\n".join(lines)
+from ._reproduce import reproducer  # noqa: E402  (Python that rebuilds f and x; see its contract)
 
 
 def _function_name(f) -> str:
@@ -391,7 +337,10 @@ def assert_matches_fd_off_kinks(f, x, *, rtol: float | None = None, atol: float 
         scale = np.maximum.reduce([np.abs(f0)] + [np.abs(v) for v in vals.values()])
         gap_h = np.abs(vals[h] - 2 * f0 + vals[-h]) / h
         gap_q = np.abs(vals[h / 4] - 2 * f0 + vals[-h / 4]) / (h / 4)
-        noise = 400 * eps * scale / h
+        # rounding noise of the second difference: of f's values, and of x_i + h itself (which
+        # moves f by slope * eps * |x_i| -- it dominates where f cancels to ~0)
+        slope = np.abs(vals[h] - vals[-h]) / (2 * h)
+        noise = 400 * eps * (scale + slope * abs(x64[i])) / h
         kinked = (gap_h > noise) & (gap_q > 0.5 * gap_h)
         if np.any(kinked):
             j = int(np.argmax(np.where(kinked, gap_q, -1)))

@@ -1,46 +1,50 @@
 """The ``nonsmooth`` pytest plugin (entry point ``pytest11``).
 
-Loads without importing torch or jax: frameworks are looked up with
-``importlib.util.find_spec`` and imported only by the tests that use them.
+Loads without importing torch, jax or Hypothesis (it works when Hypothesis is not
+installed): frameworks are looked up with ``importlib.util.find_spec`` and imported only by
+the tests that use them; the Hypothesis profile is registered only when asked for.
 
 - marker ``nonsmooth_audit``: tags a test as a gradient audit (select with
   ``-m nonsmooth_audit``);
 - fixture ``nonsmooth_framework``: the framework under test, one run per entry of
   ``--nonsmooth-frameworks torch,jax`` (a framework that is not installed is skipped);
+  session-scoped, so it combines with ``@given`` under any Hypothesis profile;
 - ``--nonsmooth-json PATH``: every audit done through ``nonsmooth.testing``'s assertion
   helpers is written to ``PATH`` as one JSON object per line, for the report;
-- the Hypothesis profile ``"nonsmooth-ci"`` (``deadline=None``, ``derandomize=True``),
-  chosen with ``--hypothesis-profile nonsmooth-ci``.
+- the Hypothesis profile ``"nonsmooth-ci"`` (``deadline=None``, ``derandomize=True``, slow
+  and function-scoped-fixture health checks off), chosen with
+  ``--hypothesis-profile nonsmooth-ci``.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
 from . import _record
+from ._profile import PROFILE, register_hypothesis_profile
 
 KNOWN_FRAMEWORKS = ("torch", "jax")
 MARKER = "nonsmooth_audit"
-PROFILE = "nonsmooth-ci"
 
 
-def _register_hypothesis_profile() -> None:
+def _maybe_register_profile(config) -> None:
+    """Register the profile when this run can use it: Hypothesis is already imported (a
+    conftest did), or ``--hypothesis-profile`` names it.  Otherwise Hypothesis stays unimported."""
     try:
-        from hypothesis import HealthCheck, settings
-    except ImportError:  # Hypothesis is optional for users of the plugin's other parts.
-        return
-    settings.register_profile(
-        PROFILE,
-        deadline=None,
-        derandomize=True,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-
-
-_register_hypothesis_profile()
+        asked = config.getoption("--hypothesis-profile", default=None)
+    except ValueError:  # Hypothesis's own plugin is absent: no such option
+        asked = None
+    if asked == PROFILE or "hypothesis" in sys.modules:
+        try:
+            register_hypothesis_profile()
+        except ImportError:
+            if asked == PROFILE:
+                raise pytest.UsageError(
+                    f"--hypothesis-profile {PROFILE} needs Hypothesis, which failed to import; "
+                    "pip install hypothesis") from None
 
 
 def pytest_addoption(parser):
@@ -103,7 +107,9 @@ def _json_default(value):
     return repr(value)
 
 
+@pytest.hookimpl(tryfirst=True)  # before Hypothesis's plugin loads --hypothesis-profile
 def pytest_configure(config):
+    _maybe_register_profile(config)
     config.addinivalue_line(
         "markers",
         f"{MARKER}: a gradient audit through nonsmooth.testing (select with -m {MARKER})",
@@ -146,7 +152,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("nonsmooth_framework", frameworks, indirect=True, ids=frameworks)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def nonsmooth_framework(request):
     """The framework under test, ``"torch"`` or ``"jax"``; skips if it is not installed."""
     name = getattr(request, "param", None)

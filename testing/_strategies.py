@@ -23,6 +23,10 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from ._profile import register_hypothesis_profile
+
+register_hypothesis_profile()  # Hypothesis is imported now anyway: make "nonsmooth-ci" loadable
+
 __all__ = [
     "kink_points",
     "tied_arrays",
@@ -543,7 +547,7 @@ class PLProgram:
             return np.asarray(W, dtype=h.dtype) @ h + np.asarray(b, dtype=h.dtype)
         ops = {"linear": linear, "relu": lambda h: np.maximum(h, 0), "abs": np.abs,
                "max": np.maximum, "min": np.minimum, "cat": lambda a, c: np.concatenate([a, c], -1)}
-        return lambda x: self._run(np.asarray(x), ops)
+        return self._tagged(lambda x: self._run(np.asarray(x), ops), "to_numpy")
 
     def to_torch(self):
         """The program as a torch callable (torch.relu, abs, maximum, minimum)."""
@@ -553,7 +557,7 @@ class PLProgram:
             return torch.as_tensor(W, dtype=h.dtype) @ h + torch.as_tensor(b, dtype=h.dtype)
         ops = {"linear": linear, "relu": torch.relu, "abs": torch.abs, "max": torch.maximum,
                "min": torch.minimum, "cat": lambda a, c: torch.cat([a, c], -1)}
-        return lambda x: self._run(x, ops)
+        return self._tagged(lambda x: self._run(x, ops), "to_torch")
 
     def to_jax(self):
         """The program as a jax callable (jax.nn.relu, jnp.abs, maximum, minimum)."""
@@ -564,7 +568,7 @@ class PLProgram:
             return jnp.asarray(W, dtype=h.dtype) @ h + jnp.asarray(b, dtype=h.dtype)
         ops = {"linear": linear, "relu": jax.nn.relu, "abs": jnp.abs, "max": jnp.maximum,
                "min": jnp.minimum, "cat": lambda a, c: jnp.concatenate([a, c], -1)}
-        return lambda x: self._run(x, ops)
+        return self._tagged(lambda x: self._run(x, ops), "to_jax")
 
     def to(self, framework: str):
         """``to_torch()``, ``to_jax()`` or ``to_numpy()`` by name."""
@@ -572,6 +576,10 @@ class PLProgram:
             return {"torch": self.to_torch, "jax": self.to_jax, "numpy": self.to_numpy}[framework]()
         except KeyError:
             raise ValueError(f"framework={framework!r}; choose 'torch', 'jax' or 'numpy'") from None
+
+    def _tagged(self, fn, method):
+        fn.__nonsmooth_source__ = f"{self.source()}.{method}()"  # what reproducers print for fn
+        return fn
 
     def source(self) -> str:
         """Python that rebuilds this program (for reproducers)."""

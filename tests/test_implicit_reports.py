@@ -27,7 +27,10 @@ def test_quick_bench_tables():
     lines = []
     tables = run(quick=True, out=lines.append)
     assert [t.title for t in tables] == ["ReLU DEQ: forward steps, time and gradient agreement",
-                                         "Bytes saved for backward vs forward steps"]
+                                         "Bytes saved for backward vs forward steps",
+                                         "Out of the box: each library's defaults"]
+    ours = [r for r in tables[2].rows if r[1] == "nonsmooth defaults"]
+    assert len(ours) == 2 and all(float(r[5]) < 1e-3 for r in ours)
     rows = {r[0]: r for r in tables[0].rows}
     assert rows["nonsmooth implicit"][6] == "1.00x"
     assert float(rows["nonsmooth implicit"][-1]) < 1e-4  # gradient agrees with the float64 reference

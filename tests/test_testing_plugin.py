@@ -8,27 +8,95 @@ import pytest
 pytest_plugins = ["pytester"]
 
 
-def test_plugin_and_testing_package_load_without_torch_or_jax():
+def test_plugin_and_testing_package_load_without_torch_jax_or_hypothesis():
     code = (
         "import sys\n"
         "import nonsmooth.testing._plugin, nonsmooth.testing\n"
-        "heavy = sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'jax', 'jaxlib', 'hypothesis') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
-def test_a_plain_pytest_session_never_imports_torch_or_jax(pytester):
+def test_a_plain_pytest_session_never_imports_torch_jax_or_hypothesis(pytester):
     pytester.makepyfile(
         """
         import sys
         def test_light():
-            assert 'torch' not in sys.modules and 'jax' not in sys.modules
+            heavy = [m for m in ('torch', 'jax', 'hypothesis') if m in sys.modules]
+            assert not heavy, heavy
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+_BLOCK_HYPOTHESIS = """
+import sys
+
+class _NoHypothesis:
+    # As if Hypothesis were not installed: every import of it fails.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hypothesis", "_hypothesis_pytestplugin", "_hypothesis_globals"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoHypothesis())
+"""
+
+
+def test_pytest_runs_when_hypothesis_cannot_be_imported(pytester, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCK_HYPOTHESIS)
+    pytester.makepyfile(
+        """
+        import sys
+        import pytest
+
+        def test_trivial():
+            with pytest.raises(ImportError):
+                import hypothesis  # the block works
+            assert 'torch' not in sys.modules and 'jax' not in sys.modules
+
+        def test_fixture_works(nonsmooth_framework):
+            assert nonsmooth_framework in ('torch', 'jax')
+
+        def test_helpers_without_hypothesis():
+            from nonsmooth.testing import assert_matches_fd_off_kinks, add_sink
+            assert callable(assert_matches_fd_off_kinks) and callable(add_sink)
+
+        def test_strategies_say_what_is_missing():
+            with pytest.raises(ImportError, match="pip install hypothesis"):
+                from nonsmooth.testing import kink_points
+        """
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    # An uninstalled Hypothesis also has no pytest11 entry point: -p no:hypothesispytest stands for that.
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:hypothesispytest", "-p", "no:cacheprovider", "-q",
+           "--nonsmooth-frameworks", "torch,jax", str(pytester.path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=pytester.path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 passed" in out.stdout, out.stdout
+
+
+def test_framework_fixture_with_given_passes_the_health_checks(pytester):
+    # the documented usage: the fixture and @given together, with and without the CI profile
+    pytester.makepyfile(
+        """
+        from hypothesis import given, settings, strategies as st
+
+        @given(st.floats(-1, 1))
+        def test_prop(nonsmooth_framework, v):
+            assert nonsmooth_framework in ("torch", "jax") and -1 <= v <= 1
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider", "--nonsmooth-frameworks", "torch,jax").assert_outcomes(passed=2)
+    ci = pytester.runpytest("-p", "no:cacheprovider", "--hypothesis-profile", "nonsmooth-ci")
+    ci.assert_outcomes(passed=2)
 
 
 def test_marker_is_registered_under_strict_markers(pytester):
@@ -118,10 +186,13 @@ def test_json_option_writes_every_helper_call(pytester, tmp_path):
 
 
 def test_ci_hypothesis_profile_is_registered(pytester):
-    from hypothesis import settings
+    from hypothesis import HealthCheck, settings
 
-    profile = settings.get_profile("nonsmooth-ci")
+    from nonsmooth.testing import register_hypothesis_profile
+
+    profile = settings.get_profile(register_hypothesis_profile())
     assert profile.deadline is None and profile.derandomize is True
+    assert HealthCheck.function_scoped_fixture in profile.suppress_health_check
     pytester.makepyfile(
         """
         from hypothesis import given, settings, strategies as st
