@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import _forward as F
+from ._boxes import box_analysis
 from ._continuity import branch_limits
 from ._lp import strictly_feasible
 from ._pieces import enumerate_pieces
@@ -43,6 +44,7 @@ class Analysis:
     discontinuous: str
     continuity: str  # "continuous" | "jump" | "unsure"
     notes: list
+    box: object = None  # a _boxes.BoxSet when the Clarke Jacobian is a Minkowski sum of small sets
 
 
 def _site_assign(seed: int, choice: str):
@@ -151,6 +153,12 @@ def analyse(P, *, exact_budget: int, n_directions: int, seed: int, need_enum: Ca
         basis = f"{weight} active kinks exceed exact_budget={exact_budget}"
     eligible = not basis
 
+    # Many kinks in one layer: the Clarke Jacobian as a Minkowski sum, decided exactly.
+    if weight > ALWAYS_ENUMERATE:
+        box = box_analysis(P, sites)
+        if box is not None:
+            return _box_analysis_result(P, box, leaf0, out0, sites, n_directions, seed, conventions, notes)
+
     def enumerate_now():
         nonlocal exact, basis, enumerated
         enumerated = True
@@ -237,3 +245,23 @@ def analyse(P, *, exact_budget: int, n_directions: int, seed: int, need_enum: Ca
         elif continuity == "unsure":
             notes.append(text)
     return Analysis(leaf0.jac, out0, sites, b_elems, b_src, sel, conv, exact, basis, discontinuous, continuity, notes)
+
+
+def _box_analysis_result(P, box, leaf0, out0, sites, n_directions, seed, conventions, notes) -> Analysis:
+    """Selections and conventions follow from J(s) = J0 + sum s_i D_i without more passes:
+    one summed generator per convention key, then J(s) for a shared s per key is additive."""
+    order = sorted(sites.values(), key=lambda s: (s.node, str(s.key)))
+    keys = [F.convention_key(s, P.graph.nodes[s.node]) for s in order]
+    per_key = {}
+    for key in sorted(set(keys)):
+        idx = np.array([j for j, k in enumerate(keys) if k == key])
+        per_key[key] = (box.A[:, idx] * box.delta[idx]) @ box.R[idx]
+    top = box.J0 + sum(per_key.values())
+    sel = [box.J0, top]
+    conv = []
+    if conventions:
+        for w in convention_weights(P, sites, seed):
+            conv.append(box.J0 + sum(w[key] * D for key, D in per_key.items()))
+    elems = box.representatives()
+    return Analysis(leaf0.jac, out0, sites, elems, ["box"] * len(elems), sel, conv, True, box.basis, "",
+                    "continuous", notes, box)

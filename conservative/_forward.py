@@ -253,6 +253,9 @@ class Interpreter:
         self.pruned: list[Pruned] = []
         self.collapsed: set = set()  # sites whose options all gave the same first-order result
         self.stop_identity = False  # True: detach/stop_gradient pass tangents (f's own derivative)
+        self._seeds: dict = {}
+        self.log_rows = False
+        self.rows: dict = {}
 
     def _tangent_relevant(self) -> set:
         """Float variables whose tangent can reach an output (stop_gradient/detach cut it)."""
@@ -279,13 +282,22 @@ class Interpreter:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, policy, tangents: list, *, max_leaves: int = 1, max_sites: int | None = None) -> list[Leaf]:
-        """All leaves of the branch tree under ``policy`` (one leaf unless it branches)."""
+    def run(self, policy, tangents: list, *, max_leaves: int = 1, max_sites: int | None = None,
+            seeds: dict | None = None, k: int | None = None, log_rows: bool = False) -> list[Leaf]:
+        """All leaves of the branch tree under ``policy`` (one leaf unless it branches).
+
+        ``seeds`` ({var id: (k, *shape) tangent}) adds tangents where those variables are
+        made, so a pass can start inside the program (with ``k`` columns and ``tangents``
+        all None); ``log_rows`` records each site's condition rows in ``self.rows``."""
+        self._seeds = seeds or {}
+        self.log_rows = log_rows
+        self.rows = {}
         vals = {v.id: self.be.input(x) for v, x in zip(self.g.inputs, self.xs64)}
         for cid, c in self.g.consts.items():
             vals[cid] = self.be.const(c)
         tans = {v.id: t for v, t in zip(self.g.inputs, tangents)}
-        k = int(tangents[0].shape[0]) if tangents and tangents[0] is not None else 0
+        if k is None:
+            k = int(tangents[0].shape[0]) if tangents and tangents[0] is not None else 0
         self._k = k
         self._policy = policy
         self._max_leaves = max_leaves
@@ -331,6 +343,8 @@ class Interpreter:
                 frame = self._advance(i, st)
                 if frame is None:
                     self._leaf(st)
+                elif not self._policy.branching:
+                    stack.append(("node", frame.i + 1, self._single_path(frame, st)))
                 else:
                     stack.append(("site", frame, 0, [], st))
                 continue
@@ -400,9 +414,39 @@ class Interpreter:
             return _SiteFrame(i, node, ctx, sites, rowfn, in_vals, in_tans, affine, tuple(st.choices))
         return None
 
+    def _single_path(self, fr: _SiteFrame, st: _State) -> _State:
+        """A policy that takes one option per site: walk the node's sites in place (no copies
+        of the state per site, so thousands of sites at one node cost linear time)."""
+        chosen = []
+        for site in fr.sites:
+            if self.log_rows:
+                self.rows[(site.node, site.key)] = [[fr.rowfn(c) for c in o.conds] for o in site.options]
+            opt = self._policy.options(site, fr.rowfn, fr.node)[0]
+            rows = [fr.rowfn(c) for c in opt.conds]
+            zero = [r for r in rows if _rmax(r) <= ZERO_ROW]
+            live_conds = [(r, c) for r, c in zip(rows, opt.conds) if _rmax(r) > ZERO_ROW]
+            if zero or (not rows and len(site.options) > 1):
+                st.degenerate = True
+                if site.discrete:
+                    st.certified = False
+                if not fr.affine:
+                    st.degenerate_nonaffine = True
+            if not fr.affine and live_conds:
+                st.nonaffine = True
+            for r, c in live_conds:
+                st.conds.append(r)
+                st.meta.append(CondMeta(fr.i, tuple(c), fr.affine, fr.chosen_before))
+            chosen.append((site, opt))
+        outs, otans = self._apply(fr.node, fr.ctx, chosen, fr.in_vals, fr.in_tans)
+        st.choices = st.choices + chosen
+        self._store(st, fr.node, outs, otans)
+        return st
+
     def _branch_site(self, fr: _SiteFrame, j: int, chosen: list, st: _State) -> list:
         """The children of the branch tree at site ``j`` of a node."""
         site = fr.sites[j]
+        if self.log_rows:
+            self.rows[(site.node, site.key)] = [[fr.rowfn(c) for c in o.conds] for o in site.options]
         opts = self._policy.options(site, fr.rowfn, fr.node)
         rows_per_opt = [[fr.rowfn(c) for c in o.conds] for o in opts]
         all_zero = all(_rmax(r) <= ZERO_ROW for rs in rows_per_opt for r in rs) if any(rows_per_opt) else True
@@ -491,6 +535,9 @@ class Interpreter:
     def _store(self, st, node, outs, otans):
         for o, v, t in zip(node.outputs, outs, otans):
             st.vals[o.id] = v
+            seed = self._seeds.get(o.id) if self._seeds else None
+            if seed is not None:
+                t = seed if t is None else t + seed
             st.tans[o.id] = t
 
     # ------------------------------------------------------------------ per-impl

@@ -92,6 +92,9 @@ def clarke_jacobian(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int 
                 raise ValueError("f's Jacobian is not finite at x (a pole or a domain boundary)")
             return ClarkeSet(J[None] + 0.0, True, "f is differentiable at x (no kink is active)")
         B = [b for b in distinct(A.b_elems) if np.all(np.isfinite(b))]
+        if A.box is not None:
+            return ClarkeSet(np.stack(B) + 0.0, True, A.exact_basis + " (vertices: representatives; contains() "
+                             "decides membership in the whole set)", structure=A.box)
         return ClarkeSet(np.stack(B) + 0.0 if B else np.zeros((0, P.n_out, P.n_in)), bool(A.exact), A.exact_basis)
 
 

@@ -73,10 +73,13 @@ class ClarkeSet:
     vertices: np.ndarray
     exact: bool
     basis: str = ""
+    structure: object = None  # a Minkowski-sum description when the set has too many vertices to list
 
     def contains(self, J, tol: float = 1e-7) -> bool:
         """Whether ``J`` (out x in) lies in the convex hull, up to ``tol`` (max-norm)."""
         J = np.asarray(J, dtype=np.float64)
+        if self.structure is not None:
+            return bool(self.structure.distance(J.reshape(self.vertices.shape[1:])) <= tol)
         if len(self.vertices) == 0:
             return False
         if not np.all(np.isfinite(J)):

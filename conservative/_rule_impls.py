@@ -102,13 +102,18 @@ def unary_sites(node_i, node, rule: Rule, x: np.ndarray, tol: float) -> list[Sit
             at = _eval_cached(kink.at, params)
             where = np.nonzero(np.abs(xf - at) <= tol)[0]
             nvals = np.zeros(len(where))
+        fixed = None
         for e, nv in zip(where, nvals):
-            p = {**params, "n": float(nv)}
-            left, right = evaluate(kink.left, p), evaluate(kink.right, p)
-            if kink.continuous or not kink.left_value:
-                lv = rv = None
-            else:
-                lv, rv = evaluate(kink.left_value, p), evaluate(kink.right_value, p)
+            if fixed is None or kink.lattice:
+                # the same expressions for every element of a non-lattice kink: evaluate them once
+                p = {**params, "n": float(nv)}
+                left, right = evaluate(kink.left, p), evaluate(kink.right, p)
+                if kink.continuous or not kink.left_value:
+                    lv = rv = None
+                else:
+                    lv, rv = evaluate(kink.left_value, p), evaluate(kink.right_value, p)
+                fixed = (left, right, lv, rv)
+            left, right, lv, rv = fixed
             jump = lv is not None and lv != rv
             if not jump and left == right:
                 opts = [Option("both", [], (left, None))]

@@ -16,6 +16,12 @@ ELEMENTWISE = {
     "asinh", "atan", "asin", "acos", "atanh", "acosh", "sigmoid", "erf", "erfc", "erfinv", "reciprocal",
     "square", "rsqrt", "gelu", "silu", "softplus", "mish", "sqrt",
 }
+# nonsmooth elementwise ops: away from their kinks the same rule holds (at a kink the
+# interpreter overrides the elements that sit on it)
+ELEMENTWISE |= {
+    "relu", "leaky_relu", "abs", "hardtanh", "clamp", "clamp_min", "clamp_max", "hardsigmoid", "hardswish",
+    "elu", "celu", "softshrink", "hardshrink", "threshold", "sign", "sgn", "floor", "ceil", "round", "trunc",
+}
 IDENTITY = {"clone", "alias", "lift_fresh_copy", "lift_fresh", "contiguous"}
 
 

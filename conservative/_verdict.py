@@ -122,6 +122,16 @@ def verdict(P, A, ad: np.ndarray, ad_tol: float, rng, seed: int) -> Audit:
     if not A.sites:
         return _smooth(P, A, ad, ad_tol, rng, common, nonfinite_ad, ad_note)
 
+    # ---------- many kinks in one layer: membership in the Minkowski sum
+    if A.box is not None:
+        res = A.box.distance(ad) if not nonfinite_ad else math.inf
+        scale = 1.0 + float(np.max(np.abs(Barr)))
+        if res <= ad_tol * scale:
+            return audit_(Verdict.CLARKE, exact=True, hull_distance=res, min_norm=None, reason="")
+        return audit_(Verdict.SPURIOUS, exact=True, hull_distance=res, min_norm=None,
+                      reason=f"AD lies at max-norm distance {res:.3g} from the Clarke Jacobian; certified because "
+                             f"{A.exact_basis}. " + ad_note)
+
     # ---------- at a kink: hull membership
     if not B:
         return audit_(Verdict.UNDECIDED, exact=A.exact, min_norm=None,
