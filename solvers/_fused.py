@@ -174,7 +174,8 @@ def vjp_numpy(theta: np.ndarray, g: np.ndarray, key: int, spec: Spec, *, n_threa
     B, d = theta2.shape
     L = math.prod(spec.out_event(d))
     lead = g.shape[: g.ndim - theta.ndim - (1 if spec.solver == "sortperm" else 0)]
-    g3 = np.ascontiguousarray(g, dtype=theta2.dtype).reshape(-1, B, L)
+    # explicit sizes, not -1: an empty batch must reshape too
+    g3 = np.ascontiguousarray(g, dtype=theta2.dtype).reshape(math.prod(lead), B, L)
     out = np.empty((g3.shape[0], B, d), theta2.dtype)
     _call(_MODE_VJP, theta2, g3, out, None, key, spec, n_threads)
     return out.reshape(lead + theta.shape)
@@ -186,7 +187,7 @@ def jvp_numpy(theta: np.ndarray, v: np.ndarray, key: int, spec: Spec, *, n_threa
     B, d = theta2.shape
     event = spec.out_event(d)
     lead = v.shape[: v.ndim - theta.ndim]
-    v3 = np.ascontiguousarray(v, dtype=theta2.dtype).reshape(-1, B, d)
+    v3 = np.ascontiguousarray(v, dtype=theta2.dtype).reshape(math.prod(lead), B, d)
     out = np.empty((v3.shape[0], B, math.prod(event)), theta2.dtype)
     _call(_MODE_JVP, theta2, v3, out, None, key, spec, n_threads)
     return out.reshape(lead + theta.shape[:-1] + event)

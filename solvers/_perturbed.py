@@ -73,6 +73,12 @@ class PerturbedLayer:
         numpy: forward only, noise from ``np.random.default_rng(seed)``.
         """
         fw = check_array(theta, "theta", event_ndim=self.event_ndim)
+        # issue 16: built-in solvers run a fused kernel (noise regenerated, never stored)
+        from ._fused import fused_call
+
+        out = fused_call(self, theta, fw, key=key, generator=generator)
+        if out is not NotImplemented:
+            return out
         if fw == "torch":
             from ._perturbed_torch import perturbed_torch
 
