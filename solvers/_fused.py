@@ -130,7 +130,7 @@ def _raise_status(status: int, theta2: np.ndarray, sigma: float) -> None:
     if status == 1:
         flat = theta2.reshape(-1)
         idx = int(np.flatnonzero(~np.isfinite(flat))[0])
-        raise ValueError(f"theta contains a non-finite value ({flat[idx]!r} at flat index "
+        raise ValueError(f"theta contains a non-finite value ({float(flat[idx])!r} at flat index "
                          f"{idx}); the solvers need finite inputs")
     if status == 2:
         raise ValueError(

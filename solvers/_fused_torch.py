@@ -95,6 +95,9 @@ def _forward_setup(ctx, inputs, output):
     mean, _ = output
     ctx.save_for_backward(theta, key, mean)
     ctx.options = (solver, k, num_samples, sigma, noise, control_variate)
+    # an output that is not used gets None, not zeros: a layer's unused mean must not put
+    # the (first-order only) estimator into a graph that is differentiated again
+    ctx.set_materialize_grads(False)
 
 
 def _forward_backward(ctx, g_mean, g_value):

@@ -1160,7 +1160,8 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
 }
 
 /* math(which, x, out): the elementwise kernels, for tests.  which 0: log of positive
-   normal x; which 1: cos, 2: sin of 2 pi (w + 1/2) / 2^32 for uint32 words x. */
+   normal x; which 1: cos, 2: sin of 2 pi (w + 1/2) / 2^32 for uint32 words x; 3: exp of
+   x in [0, 600] (float32: [0, 60]). */
 static PyObject *py_math(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -1168,13 +1169,14 @@ static PyObject *py_math(PyObject *self, PyObject *args)
     PyObject *xo, *oo;
     if (!PyArg_ParseTuple(args, "iOO:math", &which, &xo, &oo))
         return NULL;
-    if (which < 0 || which > 2) {
-        PyErr_Format(PyExc_ValueError, "which must be 0 (log), 1 (cos) or 2 (sin), got %d",
-                     which);
+    if (which < 0 || which > 3) {
+        PyErr_Format(PyExc_ValueError,
+                     "which must be 0 (log), 1 (cos), 2 (sin) or 3 (exp), got %d", which);
         return NULL;
     }
     Py_buffer xb, ob;
-    if (acquire(xo, &xb, "x", 0, which == 0 ? FMT_BAD : FMT_U32, 1, NULL) == FMT_BAD)
+    const int real = which == 0 || which == 3;
+    if (acquire(xo, &xb, "x", 0, real ? FMT_BAD : FMT_U32, 1, NULL) == FMT_BAD)
         return NULL;
     const Py_ssize_t n = xb.shape[0];
     const Py_ssize_t dims[1] = {n};
@@ -1184,20 +1186,22 @@ static PyObject *py_math(PyObject *self, PyObject *args)
         return NULL;
     }
     int fx = decode_format(xb.format, xb.itemsize);
-    if (which == 0 && fx != fo) {
+    if (real && fx != fo) {
         PyErr_SetString(PyExc_TypeError, "out must have x's dtype");
         goto fail;
     }
-    if (which == 0) {
+    if (real) {
         for (Py_ssize_t i = 0; i < n; i++) {
             const double v = fx == FMT_F64 ? ((double *)xb.buf)[i] : (double)((float *)xb.buf)[i];
-            const double lo = fx == FMT_F64 ? DBL_MIN : (double)FLT_MIN;
-            const double hi = fx == FMT_F64 ? DBL_MAX : (double)FLT_MAX;
+            const double lo = which == 3 ? 0.0 : fx == FMT_F64 ? DBL_MIN : (double)FLT_MIN;
+            const double hi = which == 3 ? (fx == FMT_F64 ? RATIO_LIMIT_F64 : RATIO_LIMIT_F32)
+                                         : fx == FMT_F64 ? DBL_MAX : (double)FLT_MAX;
             if (!(v >= lo && v <= hi)) {
                 PyObject *bad = PyFloat_FromDouble(v);
                 if (bad) {
-                    PyErr_Format(PyExc_ValueError, "x must hold positive normal numbers, "
-                                 "got %R at index %zd", bad, i);
+                    PyErr_Format(PyExc_ValueError, "x must hold %s, got %R at index %zd",
+                                 which == 3 ? "numbers in [0, the ratio limit]"
+                                            : "positive normal numbers", bad, i);
                     Py_DECREF(bad);
                 }
                 goto fail;
@@ -1205,9 +1209,11 @@ static PyObject *py_math(PyObject *self, PyObject *args)
         }
         for (Py_ssize_t i = 0; i < n; i++) {
             if (fx == FMT_F64)
-                ((double *)ob.buf)[i] = vlog_f64(((double *)xb.buf)[i]);
+                ((double *)ob.buf)[i] = which == 3 ? vexp_f64(((double *)xb.buf)[i])
+                                                   : vlog_f64(((double *)xb.buf)[i]);
             else
-                ((float *)ob.buf)[i] = vlog_f32(((float *)xb.buf)[i]);
+                ((float *)ob.buf)[i] = which == 3 ? vexp_f32(((float *)xb.buf)[i])
+                                                  : vlog_f32(((float *)xb.buf)[i]);
         }
     }
     else {
@@ -1252,7 +1258,8 @@ static PyMethodDef methods[] = {
      "philox(key, ctr, out)\n--\n\nPhilox-4x32-10 of each (n, 4) uint32 counter, key a 64-bit int."},
     {"math", py_math, METH_VARARGS,
      "math(which, x, out)\n--\n\nElementwise kernels for tests: 0 log, 1 cos, 2 sin of\n"
-     "2 pi (w + 1/2) / 2^32 (x uint32; out float32 or float64)."},
+     "2 pi (w + 1/2) / 2^32 (x uint32; out float32 or float64), 3 exp on [0, 600]\n"
+     "(float32: [0, 60])."},
     {NULL, NULL, 0, NULL},
 };
 
