@@ -218,6 +218,27 @@ def noise(key: int, num_samples: int, shape, *, noise: str = "gumbel", dtype=np.
 # ----------------------------------------------------------------------------- dispatch
 
 
+def triton_ready(device_type: str) -> bool:
+    """True when the Triton kernels can run on this device type (CUDA with triton
+    installed, or any device under ``TRITON_INTERPRET=1``); imports nothing."""
+    import importlib.util
+
+    if getattr(_state, "off", False) or importlib.util.find_spec("triton") is None:
+        return False
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_soft_forward(x, strength: float, regularization: str, rank: bool,
+                        descending: bool):
+    """Soft sort/rank of a CUDA tensor on its device: ``(out, perm, block)``, or
+    ``NotImplemented`` (KL, or no triton: the host path)."""
+    if regularization != "l2" or not triton_ready(x.device.type):
+        return NotImplemented
+    from ._triton_pav import soft_forward_l2
+
+    return soft_forward_l2(x, rank=rank, strength=strength, descending=descending)
+
+
 def fused_call(layer, theta, fw: str, *, key=None, generator=None):
     """The layer's output through a fused kernel, or ``NotImplemented``.
 
@@ -248,5 +269,5 @@ def fused_call(layer, theta, fw: str, *, key=None, generator=None):
     return NotImplemented
 
 
-__all__ = ["available", "disabled", "forward_numpy", "fused_call", "jvp_numpy", "noise",
-           "solver_spec", "vjp_numpy"]
+__all__ = ["available", "device_soft_forward", "disabled", "forward_numpy", "fused_call",
+           "jvp_numpy", "noise", "solver_spec", "triton_ready", "vjp_numpy"]

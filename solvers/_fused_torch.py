@@ -123,13 +123,9 @@ def fused_torch(spec: _fused.Spec, theta: torch.Tensor, generator):
     """The layer's output through the custom op, or NotImplemented (stacked path)."""
     if theta.dtype not in _DTYPES or generator is None:
         return NotImplemented
-    if theta.device.type == "cuda":
-        from . import _triton_perturb
-
-        if not _triton_perturb.available():
-            return NotImplemented
-    elif theta.device.type != "cpu":
-        return NotImplemented
+    if theta.device.type not in ("cpu", "cuda") or (
+            theta.device.type == "cuda" and not _fused.triton_ready("cuda")):
+        return NotImplemented  # no triton: the stacked path runs on the device
     if torch.device(generator.device).type != theta.device.type:
         raise ValueError(f"generator is on {generator.device} but theta is on {theta.device}; "
                          "pass a torch.Generator(device=theta.device)")
