@@ -8,6 +8,7 @@ Plackett-Luce marginals enumerated exactly, normal argmax of two = Phi); float64
 differences of those exact maps for the gradients, with bounds of K standard errors.
 """
 import itertools
+import os
 import math
 import signal
 import threading
@@ -588,3 +589,40 @@ def test_a_huge_number_of_samples_is_interruptible():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.slow
+def test_sanitized_build_runs_the_stress_script_clean(tmp_path):
+    """ASan + UBSan (+ LeakSanitizer on the kernel's frames): build a sanitized copy of
+    the kernel, run tests/_fused_stress.py against it, and require a clean exit."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found")
+    libs = [subprocess.run([gcc, f"-print-file-name={n}"], capture_output=True,
+                           text=True).stdout.strip() for n in ("libasan.so", "libubsan.so")]
+    if not all(Path(p).is_file() for p in libs):
+        pytest.skip("libasan/libubsan not installed")
+    here = Path(__file__).resolve().parent
+    src = here.parent / "solvers" / "_perturb_kernels.c"
+    so = tmp_path / "_perturb_c.so"
+    subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-g", "-std=c99", "-fno-math-errno",
+                    "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=undefined", "-pthread",
+                    f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(so)],
+                   check=True)
+    env = {**os.environ, "LD_PRELOAD": " ".join(libs), "PYTHONMALLOC": "malloc",
+           "ASAN_OPTIONS": "detect_leaks=1:exitcode=0", "UBSAN_OPTIONS": "halt_on_error=1"}
+    res = subprocess.run([sys.executable, str(here / "_fused_stress.py"), str(so)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    report = res.stdout + res.stderr
+    assert res.returncode == 0, report[-3000:]
+    assert "stress:" in res.stdout
+    assert "runtime error" not in report and "ERROR: AddressSanitizer" not in report
+    # the interpreter leaks a little at exit; nothing may be allocated by the kernel
+    assert "_perturb_kernels.c" not in report, report[-3000:]
