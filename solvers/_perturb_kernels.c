@@ -1428,18 +1428,18 @@ static void SFX(dot_block)(double *restrict t, const T *restrict v, const T *res
             t[s] += (double)v[j] * (double)score[j * SBLK + s];
 }
 
-/* The solver on one contiguous row of scores; its output as L (position, weight) pairs:
-   argmax: (index, 1); top-k: k (index, 1); rank: (column, rank); sort permutation:
-   (p d + column, 1) for each sorted position p. */
+/* The solver on one row of scores p[j * ps] (ps: the stride of a block column); its
+   output as L (position, weight) pairs: argmax: (index, 1); top-k: k (index, 1); rank:
+   (column, rank); sort permutation: (p d + column, 1) for each sorted position p. */
 static Py_ssize_t SFX(solve_row)(const Problem *pb, Scratch *sc, const T *restrict p,
-                                 uint32_t *restrict pos, double *restrict wt)
+                                 Py_ssize_t ps, uint32_t *restrict pos, double *restrict wt)
 {
     const Py_ssize_t d = pb->d;
     switch (pb->solver) {
     case SOLVER_ARGMAX: {
         Py_ssize_t bi = 0;
         for (Py_ssize_t j = 1; j < d; j++)
-            if (p[j] > p[bi])
+            if (p[j * ps] > p[bi * ps])
                 bi = j;
         pos[0] = (uint32_t)bi;
         wt[0] = 1.0;
@@ -1447,22 +1447,25 @@ static Py_ssize_t SFX(solve_row)(const Problem *pb, Scratch *sc, const T *restri
     }
     case SOLVER_TOPK: {
         /* the k largest, ties lowest index first: a buffer sorted by (value desc, index
-           asc); a later index enters only with a strictly larger value */
+           asc).  Columns are visited in theta's descending order, so the buffer fills
+           with (nearly) the winners and later columns rarely enter. */
         const Py_ssize_t k = pb->k;
         T *restrict v = (T *)sc->topv;
+        const uint32_t *order = sc->perm0;
         Py_ssize_t n = 0;
-        for (Py_ssize_t j = 0; j < d; j++) {
-            const T x = p[j];
-            if (n == k && !(x > v[k - 1]))
+        for (Py_ssize_t q0 = d - 1; q0 >= 0; q0--) {
+            const uint32_t j = order[q0];
+            const T x = p[j * ps];
+            if (n == k && !(x > v[k - 1] || (x == v[k - 1] && j < pos[k - 1])))
                 continue;
             Py_ssize_t q = n < k ? n : k - 1;
-            while (q > 0 && x > v[q - 1]) {
+            while (q > 0 && (x > v[q - 1] || (x == v[q - 1] && j < pos[q - 1]))) {
                 v[q] = v[q - 1];
                 pos[q] = pos[q - 1];
                 q--;
             }
             v[q] = x;
-            pos[q] = (uint32_t)j;
+            pos[q] = j;
             if (n < k)
                 n++;
         }
@@ -1474,7 +1477,7 @@ static Py_ssize_t SFX(solve_row)(const Problem *pb, Scratch *sc, const T *restri
         /* ascending order, ties lower index first; start from theta's order */
         uint64_t *restrict key = sc->key;
         for (Py_ssize_t j = 0; j < d; j++)
-            key[j] = OKEY(p[j]);
+            key[j] = OKEY(p[j * ps]);
         memcpy(sc->perm, sc->perm0, (size_t)d * sizeof(uint32_t));
         sort_perm(sc->perm, sc->tmp, key, d);
         if (pb->solver == SOLVER_RANK)
@@ -1507,10 +1510,9 @@ static void SFX(row_chunk)(const Problem *pb, Scratch *sc, Py_ssize_t b, uint32_
     const Py_ssize_t d = pb->d, V = pb->V, B = pb->B, lacc = pb->lacc;
     const T *theta = (const T *)pb->theta + b * d;
     const T sig = (T)pb->sigma;
-    T *restrict row = (T *)sc->row;
-    const int sorted = pb->solver == SOLVER_RANK || pb->solver == SOLVER_SORTPERM;
-    if (sorted) {
-        /* theta's own order: the insertion sort of each sample starts from it */
+    if (pb->solver != SOLVER_ARGMAX) {
+        /* theta's own order: the insertion sort of each sample starts from it, top-k
+           visits the columns in its reverse */
         uint64_t *key = sc->key;
         for (Py_ssize_t j = 0; j < d; j++) {
             key[j] = OKEY(theta[j]);
@@ -1538,7 +1540,7 @@ static void SFX(row_chunk)(const Problem *pb, Scratch *sc, Py_ssize_t b, uint32_
     const int need_z = !pb->gumbel || !ratio || (value && pb->solver == SOLVER_RANK);
     Py_ssize_t L0 = 0;
     if (pb->cv && pb->mode != MODE_FWD) {
-        L0 = SFX(solve_row)(pb, sc, theta, sc->pos0, sc->wt0);
+        L0 = SFX(solve_row)(pb, sc, theta, 1, sc->pos0, sc->wt0);
         if (pb->mode == MODE_VJP)
             for (Py_ssize_t v = 0; v < V; v++) {
                 const T *g = (const T *)pb->aux + (v * B + b) * pb->laux;
@@ -1599,9 +1601,7 @@ static void SFX(row_chunk)(const Problem *pb, Scratch *sc, Py_ssize_t b, uint32_
                 L = 1;
             }
             else {
-                for (Py_ssize_t j = 0; j < d; j++)
-                    row[j] = p[j * SBLK + s];
-                L = SFX(solve_row)(pb, sc, row, sc->pos, sc->wt);
+                L = SFX(solve_row)(pb, sc, p + s, SBLK, sc->pos, sc->wt);
                 pos = sc->pos;
                 wt = sc->wt;
             }
