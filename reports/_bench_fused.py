@@ -191,10 +191,8 @@ def memory_table(quick, out) -> Table:
               "arrays."))
 
 
-def gpu_table(quick, out) -> Table:
-    title = ("GPU: fused Triton perturbed kernels (B=1024, d=1000, N=100, float32) and soft "
-             "sort/rank (128, 1000) on the device")
-    columns = ["case", "time", "throughput", "vs bandwidth floor / peer"]
+def _no_gpu(title, columns):
+    """The table when no CUDA device (or no triton) is here, saying so; else None."""
     try:
         import torch
     except ImportError:
@@ -202,11 +200,22 @@ def gpu_table(quick, out) -> Table:
     if not torch.cuda.is_available():
         return Table(title, columns, [], note=(
             "Not measured in this run: no CUDA device (this session was lent none). The Triton "
-            "kernels are tested under TRITON_INTERPRET=1 against the C kernel instead; run "
-            "`nonsmooth bench perturbed` on a GPU machine to fill this table."))
+            "kernels are tested under TRITON_INTERPRET=1 against the C kernels instead; run "
+            "this benchmark on a GPU machine to fill this table."))
     if not _have("triton"):
         return Table(title, columns, [], note="triton not installed (pip install nonsmooth[gpu])")
-    from nonsmooth.solvers import argmax_onehot, perturbed, soft_rank, soft_sort
+    return None
+
+
+def gpu_table(quick, out) -> Table:
+    title = "GPU: fused Triton perturbed argmax, forward + gradient (B=1024, d=1000, N=100, float32)"
+    columns = ["case", "time", "throughput", "fraction of the bandwidth floor"]
+    missing = _no_gpu(title, columns)
+    if missing is not None:
+        return missing
+    import torch
+
+    from nonsmooth.solvers import argmax_onehot, perturbed
 
     dev = torch.device("cuda")
     B, D, N = 1024, 1000, 100
@@ -229,32 +238,51 @@ def gpu_table(quick, out) -> Table:
     # forward: read theta, write mean; backward: read theta and g, write grad
     floor = 5 * B * D * 4 / bandwidth
     rows = [["perturbed argmax fwd+grad", fmt_seconds(t["fused"]),
-             f"{N * B / t['fused']:,.0f} samples/s", f"{floor / t['fused']:.3f} of the floor"]]
-    x = torch.randn(128, 1000, device=dev)
-    cands = {"soft_rank": lambda: (soft_rank(x, regularization_strength=1.0),
-                                   torch.cuda.synchronize()),
-             "soft_sort": lambda: (soft_sort(x, regularization_strength=1.0),
-                                   torch.cuda.synchronize())}
+             f"{N * B / t['fused']:,.0f} samples/s", f"{floor / t['fused']:.3f}"]]
+    out(f"  cuda fused argmax: {rows[0][1]}, {rows[0][2]}, {rows[0][3]} of the floor")
+    return Table(title, columns, rows, note=(
+        f"device: {torch.cuda.get_device_name(dev)}; bandwidth {bandwidth / 1e9:.0f} GB/s "
+        "measured by a device copy; the floor moves theta (twice), g, mean and grad once."))
+
+
+def sort_device_table(quick, out) -> Table:
+    """Soft sort/rank L2 of a CUDA (128, 1000) tensor on the device vs torchsort (``bench sort``)."""
+    title = "GPU: soft sort / soft rank L2 (128, 1000) float32 on the device (Triton PAV)"
+    columns = ["op", "ours fwd+bwd", "torchsort fwd+bwd", "ours / torchsort"]
+    missing = _no_gpu(title, columns)
+    if missing is not None:
+        return missing
+    import torch
+
+    from nonsmooth.solvers import soft_rank, soft_sort
+
+    x = torch.randn(128, 1000, device="cuda")
+    w = torch.linspace(-1.0, 1.0, 1000, device="cuda")
+
+    def run(fn):
+        def step():
+            xr = x.detach().requires_grad_()
+            (fn(xr, regularization_strength=1.0) * w).sum().backward()
+            torch.cuda.synchronize()
+        return step
+
+    cands = {"rank": run(soft_rank), "sort": run(soft_sort)}
     try:
         import torchsort
 
-        cands["torchsort rank"] = lambda: (torchsort.soft_rank(x, regularization_strength=1.0),
-                                           torch.cuda.synchronize())
-        cands["torchsort sort"] = lambda: (torchsort.soft_sort(x, regularization_strength=1.0),
-                                           torch.cuda.synchronize())
+        cands["torchsort rank"] = run(torchsort.soft_rank)
+        cands["torchsort sort"] = run(torchsort.soft_sort)
     except Exception:  # not installed, or built without CUDA
         pass
-    ts = interleaved(cands, repeats=3 if quick else 10)
+    t = interleaved(cands, repeats=3 if quick else 10)
+    rows = []
     for op in ("rank", "sort"):
-        peer = ts.get(f"torchsort {op}")
-        rows.append([f"soft_{op} L2 (128, 1000)", fmt_seconds(ts[f"soft_{op}"]), "",
-                     f"{ts[f'soft_{op}'] / peer:.3f}x torchsort" if peer else
-                     "torchsort not available"])
-    out("  " + "; ".join(f"{r[0]}: {r[1]}" for r in rows))
-    return Table(title, columns, rows, note=(
-        f"device: {torch.cuda.get_device_name(dev)}; bandwidth {bandwidth / 1e9:.0f} GB/s "
-        "measured by a device copy; the floor reads theta (twice) and g and writes mean and "
-        "grad once."))
+        peer = t.get(f"torchsort {op}")
+        rows.append([f"soft_{op}", fmt_seconds(t[op]),
+                     fmt_seconds(peer) if peer else "not available",
+                     round(t[op] / peer, 3) if peer else ""])
+    out("  cuda " + ", ".join(f"{r[0]} {r[1]}" for r in rows))
+    return Table(title, columns, rows, note=f"device: {torch.cuda.get_device_name('cuda')}")
 
 
 def tables(quick: bool, out) -> list:
