@@ -31,10 +31,8 @@ def _event(spec, theta):
     return tuple(theta.shape[:-1]), spec.out_event(int(theta.shape[-1]))
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def _forward_op(theta: torch.Tensor, key: torch.Tensor, solver: str, k: int, num_samples: int,
-                sigma: float, noise: str, control_variate: bool,
-                want_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(theta, key, solver, k, num_samples, sigma, noise, control_variate,
+                  want_value):
     spec = _spec(solver, k, num_samples, sigma, noise, control_variate)
     batch, event = _event(spec, theta)
     if theta.device.type == "cuda":
@@ -49,6 +47,14 @@ def _forward_op(theta: torch.Tensor, key: torch.Tensor, solver: str, k: int, num
     return mean, value
 
 
+@torch.library.custom_op(_OP, mutates_args=())
+def _forward_op(theta: torch.Tensor, key: torch.Tensor, solver: str, k: int, num_samples: int,
+                sigma: float, noise: str, control_variate: bool,
+                want_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(theta, key, solver, k, num_samples, sigma, noise, control_variate,
+                         want_value)
+
+
 @_forward_op.register_fake
 def _(theta, key, solver, k, num_samples, sigma, noise, control_variate, want_value):
     spec = _spec(solver, k, num_samples, sigma, noise, control_variate)
@@ -56,10 +62,7 @@ def _(theta, key, solver, k, num_samples, sigma, noise, control_variate, want_va
     return theta.new_empty(batch + event), theta.new_empty(batch)
 
 
-@torch.library.custom_op(_OP_VJP, mutates_args=())
-def _vjp_op(theta: torch.Tensor, key: torch.Tensor, g: torch.Tensor, solver: str, k: int,
-            num_samples: int, sigma: float, noise: str,
-            control_variate: bool) -> torch.Tensor:
+def _vjp_impl(theta, key, g, solver, k, num_samples, sigma, noise, control_variate):
     spec = _spec(solver, k, num_samples, sigma, noise, control_variate)
     g = g.to(theta.dtype)
     if theta.device.type == "cuda":
@@ -69,6 +72,13 @@ def _vjp_op(theta: torch.Tensor, key: torch.Tensor, g: torch.Tensor, solver: str
     grad = _fused.vjp_numpy(theta.detach().contiguous().numpy(), g.detach().contiguous().numpy(),
                             int(key.item()), spec, n_threads=torch.get_num_threads())
     return torch.from_numpy(grad)
+
+
+@torch.library.custom_op(_OP_VJP, mutates_args=())
+def _vjp_op(theta: torch.Tensor, key: torch.Tensor, g: torch.Tensor, solver: str, k: int,
+            num_samples: int, sigma: float, noise: str,
+            control_variate: bool) -> torch.Tensor:
+    return _vjp_impl(theta, key, g, solver, k, num_samples, sigma, noise, control_variate)
 
 
 @_vjp_op.register_fake
@@ -104,7 +114,7 @@ def _forward_backward(ctx, g_mean, g_value):
     theta, key, mean = ctx.saved_tensors
     grad = None
     if g_mean is not None:
-        grad = _vjp_op(theta, key, g_mean.contiguous(), *ctx.options)
+        grad = _FusedVjp.apply(theta, key, g_mean.contiguous(), *ctx.options)
     if g_value is not None:
         term = g_value.reshape(g_value.shape + (1,)) * mean
         grad = term if grad is None else grad + term
@@ -112,6 +122,66 @@ def _forward_backward(ctx, g_mean, g_value):
 
 
 _forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A real tensor, not a fake/functional/functorch one: NumPy may read it directly."""
+    return type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class _FusedVjp(torch.autograd.Function):
+    """The backward op as an ``autograd.Function`` (functorch, see :class:`_Fused`); its
+    own derivative raises."""
+
+    @staticmethod
+    def forward(theta, key, g, solver, k, num_samples, sigma, noise, control_variate):
+        run = _vjp_impl if _plain(theta) and _plain(g) else _vjp_op
+        return run(theta, key, g, solver, k, num_samples, sigma, noise, control_variate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        _vjp_second_order(ctx, grad)
+
+    @staticmethod
+    def vmap(info, in_dims, theta, key, g, *options):
+        """A batch of cotangents (jacrev): one kernel pass draws each sample once for all
+        of them; a batch of thetas or keys: one call each."""
+        dt, dk, dg = in_dims[:3]
+        n = info.batch_size
+        if dt is None and dk is None and _plain(theta) and theta.device.type == "cpu":
+            g = g.movedim(dg, 0) if dg is not None else g.expand((n,) + tuple(g.shape))
+            spec = _spec(*options)
+            lead = _fused.vjp_numpy(theta.detach().contiguous().numpy(),
+                                    g.detach().contiguous().to(theta.dtype).numpy(),
+                                    int(key.item()), spec, n_threads=torch.get_num_threads())
+            return torch.from_numpy(lead), 0
+        take = lambda t, d, i: t if d is None else t.select(d, i)
+        outs = [_FusedVjp.apply(take(theta, dt, i), take(key, dk, i), take(g, dg, i), *options)
+                for i in range(n)]
+        return torch.stack(outs), 0
+
+
+class _Fused(torch.autograd.Function):
+    """The eager entry: the op's forward and backward as an ``autograd.Function``.
+
+    ``register_autograd`` alone does not reach ``torch.func.grad``/``jacrev`` in torch
+    2.13 (the generated Function lacks ``setup_context``; the soft sort/rank op has the
+    same workaround): this class gives functorch the staticmethods it needs, and plain
+    tensors skip the dispatcher.  Under torch.compile the op itself is called.
+    """
+
+    @staticmethod
+    def forward(theta, key, solver, k, num_samples, sigma, noise, control_variate, want_value):
+        run = _forward_impl if _plain(theta) else _forward_op
+        return run(theta, key, solver, k, num_samples, sigma, noise, control_variate,
+                   want_value)
+
+    setup_context = staticmethod(_forward_setup)
+    backward = staticmethod(_forward_backward)
 
 
 def _key(generator) -> torch.Tensor:
@@ -129,9 +199,9 @@ def fused_torch(spec: _fused.Spec, theta: torch.Tensor, generator):
     if torch.device(generator.device).type != theta.device.type:
         raise ValueError(f"generator is on {generator.device} but theta is on {theta.device}; "
                          "pass a torch.Generator(device=theta.device)")
-    mean, value = _forward_op(theta, _key(generator), spec.solver, spec.k, spec.num_samples,
-                              spec.sigma, spec.noise, spec.control_variate,
-                              spec.output == "value")
+    run = _forward_op if torch.compiler.is_compiling() else _Fused.apply
+    mean, value = run(theta, _key(generator), spec.solver, spec.k, spec.num_samples,
+                      spec.sigma, spec.noise, spec.control_variate, spec.output == "value")
     return mean if spec.output == "mean" else value
 
 

@@ -626,3 +626,23 @@ def test_sanitized_build_runs_the_stress_script_clean(tmp_path):
     assert "runtime error" not in report and "ERROR: AddressSanitizer" not in report
     # the interpreter leaks a little at exit; nothing may be allocated by the kernel
     assert "_perturb_kernels.c" not in report, report[-3000:]
+
+
+def test_torch_func_grad_jacrev_and_hessian():
+    torch = pytest.importorskip("torch")
+    layer = perturbed(hard_rank, num_samples=200, sigma=0.5)
+    fmax = perturbed_max(hard_rank, num_samples=200, sigma=0.5)
+    t = torch.tensor([0.3, -0.1, 0.4, 0.0], dtype=torch.float64)
+    gen = lambda: torch.Generator().manual_seed(5)
+    J = torch.func.jacrev(lambda x: layer(x, generator=gen()))(t)
+    tt = t.clone().requires_grad_()
+    y = layer(tt, generator=gen())
+    J_autograd = torch.stack([torch.autograd.grad(y[i], tt, retain_graph=True)[0]
+                              for i in range(4)])
+    np.testing.assert_allclose(J.numpy(), J_autograd.numpy(), rtol=1e-12, atol=1e-14)
+    g = torch.func.grad(lambda x: fmax(x, generator=gen()))(t)
+    np.testing.assert_array_equal(g.numpy(), y.detach().numpy())
+    H = torch.func.jacrev(torch.func.grad(lambda x: fmax(x, generator=gen())))(t)
+    np.testing.assert_allclose(H.numpy(), J.numpy(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.func.jacrev(torch.func.grad(lambda x: layer(x, generator=gen())[0]))(t)
