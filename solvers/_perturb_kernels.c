@@ -575,7 +575,7 @@ typedef struct {
     void *r;         /* d: exp((max theta - theta_j) / sigma), the Gumbel ratio weights */
     void *topv;      /* d + 1: the top-k buffer's values */
     uint64_t *key;   /* d: sort keys */
-    uint32_t *perm, *perm0, *tmp, *pos, *pos0; /* d each */
+    uint32_t *perm, *perm0, *tmp, *pos, *pos0; /* d each (tmp: 2d) */
     int32_t *kidx;   /* SBLK: argmax of each sample of a block */
     double *wt, *wt0;  /* d each: the solver output's weights (sample, control variate) */
     double *w, *tv;  /* V x SBLK: per-sample vjp weights, jvp products */
@@ -603,7 +603,7 @@ static int scratch_alloc(Scratch *s, const Problem *pb)
     s->words = PyMem_RawMalloc(nb * sizeof(uint32_t));
     s->z = PyMem_RawMalloc((3 * nb + 3 * d + 1) * item);
     s->key = PyMem_RawMalloc(d * sizeof(uint64_t));
-    s->perm = PyMem_RawMalloc((5 * d + SBLK) * sizeof(uint32_t));
+    s->perm = PyMem_RawMalloc((6 * d + SBLK) * sizeof(uint32_t));
     s->wt = PyMem_RawMalloc((2 * d + 2 * V * SBLK + 2 * V + nacc) * sizeof(double));
     if (!s->words || !s->z || !s->key || !s->perm || !s->wt) {
         scratch_free(s);
@@ -616,10 +616,10 @@ static int scratch_alloc(Scratch *s, const Problem *pb)
     s->r = t + (3 * nb + d) * item;
     s->topv = t + (3 * nb + 2 * d) * item;
     s->perm0 = s->perm + d;
-    s->tmp = s->perm + 2 * d;
-    s->pos = s->perm + 3 * d;
-    s->pos0 = s->perm + 4 * d;
-    s->kidx = (int32_t *)(s->perm + 5 * d);
+    s->tmp = s->perm + 2 * d; /* 2d words: a uint64 merge buffer for sort_packed */
+    s->pos = s->perm + 4 * d;
+    s->pos0 = s->perm + 5 * d;
+    s->kidx = (int32_t *)(s->perm + 6 * d);
     s->wt0 = s->wt + d;
     s->w = s->wt + 2 * d;
     s->tv = s->w + V * SBLK;
@@ -677,6 +677,46 @@ static void sort_perm(uint32_t *restrict perm, uint32_t *restrict tmp, const uin
         memcpy(perm, src, (size_t)d * sizeof(uint32_t));
 }
 #undef LESS
+
+/* Sort distinct 64-bit words, nearly sorted: insertion with a budget of shifts, then a
+   bottom-up merge sort (tmp: d words of scratch). */
+static void sort_packed(uint64_t *restrict a, uint64_t *restrict tmp, Py_ssize_t d)
+{
+    Py_ssize_t budget = 16 * d, i = 1;
+    for (; i < d; i++) {
+        const uint64_t v = a[i];
+        Py_ssize_t j = i;
+        while (j > 0 && v < a[j - 1]) {
+            a[j] = a[j - 1];
+            j--;
+        }
+        a[j] = v;
+        budget -= i - j;
+        if (budget < 0)
+            break;
+    }
+    if (i >= d)
+        return;
+    uint64_t *src = a, *dst = tmp;
+    for (Py_ssize_t width = 1; width < d; width *= 2) {
+        for (Py_ssize_t lo = 0; lo < d; lo += 2 * width) {
+            const Py_ssize_t mid = lo + width < d ? lo + width : d;
+            const Py_ssize_t hi = lo + 2 * width < d ? lo + 2 * width : d;
+            Py_ssize_t x = lo, y = mid, o = lo;
+            while (x < mid && y < hi)
+                dst[o++] = src[y] < src[x] ? src[y++] : src[x++];
+            while (x < mid)
+                dst[o++] = src[x++];
+            while (y < hi)
+                dst[o++] = src[y++];
+        }
+        uint64_t *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, (size_t)d * sizeof(uint64_t));
+}
 
 /* ------------------------------------------------------------------ typed kernels */
 
@@ -1476,10 +1516,22 @@ static Py_ssize_t SFX(solve_row)(const Problem *pb, Scratch *sc, const T *restri
     default: {
         /* ascending order, ties lower index first; start from theta's order */
         uint64_t *restrict key = sc->key;
-        for (Py_ssize_t j = 0; j < d; j++)
-            key[j] = OKEY(p[j * ps]);
-        memcpy(sc->perm, sc->perm0, (size_t)d * sizeof(uint32_t));
-        sort_perm(sc->perm, sc->tmp, key, d);
+        if (sizeof(T) == 4) {
+            /* float32: (32-bit key, index) packed in one word, sorted directly */
+            for (Py_ssize_t q = 0; q < d; q++) {
+                const uint32_t j = sc->perm0[q];
+                key[q] = (OKEY(p[j * ps]) << 32) | j;
+            }
+            sort_packed(key, (uint64_t *)sc->tmp, d);
+            for (Py_ssize_t q = 0; q < d; q++)
+                sc->perm[q] = (uint32_t)key[q];
+        }
+        else {
+            for (Py_ssize_t j = 0; j < d; j++)
+                key[j] = OKEY(p[j * ps]);
+            memcpy(sc->perm, sc->perm0, (size_t)d * sizeof(uint32_t));
+            sort_perm(sc->perm, sc->tmp, key, d);
+        }
         if (pb->solver == SOLVER_RANK)
             for (Py_ssize_t q = 0; q < d; q++) {
                 pos[q] = sc->perm[q];
