@@ -144,7 +144,7 @@ def soft_forward_l2(x: torch.Tensor, *, rank: bool, strength: float, descending:
         wt = torch.empty((B, n), dtype=torch.float64, device=dev)
         eps = torch.tensor([strength], dtype=torch.float64, device=dev)
         _soft_l2_kernel[(B,)](u.contiguous(), y.contiguous(), perm, resolve, eps, out, block,
-                              st, mean, wt, n, RANK=rank, DESC=desc)
+                              st, mean, wt, n, RANK=rank, DESC=desc, enable_fp_fusion=False)
     return out.reshape(x.shape), perm.reshape(x.shape), block.reshape(x.shape)
 
 
@@ -211,7 +211,8 @@ def iso_kl_rows(y: torch.Tensor, w: torch.Tensor):
         st = torch.empty((B, n), dtype=torch.int32, device=y.device)
         la = torch.empty((B, n), dtype=torch.float64, device=y.device)
         lb, val = torch.empty_like(la), torch.empty_like(la)
-        _iso_kl_kernel[(B,)](y.contiguous(), w.contiguous(), v, block, st, la, lb, val, n)
+        _iso_kl_kernel[(B,)](y.contiguous(), w.contiguous(), v, block, st, la, lb, val, n,
+                             enable_fp_fusion=False)
     return v, block
 
 

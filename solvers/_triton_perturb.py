@@ -4,13 +4,12 @@ Imported only for CUDA tensors (and by the tests, under ``TRITON_INTERPRET=1``),
 CPU-only install never imports triton.  The contract is the C kernel's
 (``_perturb_kernels.c``): the same Philox-4x32-10 counters (``tl.philox`` is that
 generator, word for word), the same uniforms, the same polynomial log / exp / sin / cos
-written with the same IEEE operations (``div_rn``/``sqrt_rn`` in float32), the same Gumbel
-ratio scores and the same tie rules, so the same key gives the same samples and the
-same solver outputs; under the interpreter the float arithmetic is bit-identical (numpy
-runs it without contraction), on a GPU the compiler may fuse multiply-adds, a last-bit
-difference.  Sums over samples are taken in another order than on the CPU (per program,
-then over programs), so means of integer outputs agree exactly and float sums to
-rounding.
+written with the same IEEE operations (``div_rn``/``sqrt_rn`` in float32, kernels launched
+with ``enable_fp_fusion=False`` so no multiply-add is contracted; the interpreter runs
+them as numpy does), the same Gumbel ratio scores and the same tie rules, so the same
+key gives the same samples, bit for bit, and the same solver outputs.  Sums over samples
+are taken in another order than on the CPU (per program, then over programs), so means
+of integer outputs agree exactly and float sums to rounding.
 
 One program per (row, chunk of samples): the row's theta stays in registers and each
 sample's noise is generated, scored, solved and accumulated without leaving them;
@@ -397,7 +396,8 @@ def noise(key: torch.Tensor, num_samples: int, shape, *, noise: str = "gumbel",
         _noise_kernel[(B, num_samples)](key.to(Z.device).reshape(1), Z, Z if E is None else E,
                                         B, d, GUMBEL=noise == "gumbel",
                                         F64=dtype == torch.float64,
-                                        BLOCK_D=max(4, triton.next_power_of_2(d)))
+                                        BLOCK_D=max(4, triton.next_power_of_2(d)),
+                                        enable_fp_fusion=False)
     return Z, E
 
 
@@ -441,7 +441,8 @@ def _launch(theta, key, spec, *, mode, g=None, want_value=False):
             rows, key, sigma, gg, out, value, counts, d, N, per, max(spec.k, 1),
             SOLVER=SOLVER_CODE[spec.solver], GUMBEL=spec.noise == "gumbel", MODE=mode,
             CV=spec.control_variate, WANT_VALUE=want_value, F64=f64,
-            RATIO_LIMIT=_RATIO_LIMIT[rows.dtype], BLOCK_D=BLOCK_D)
+            RATIO_LIMIT=_RATIO_LIMIT[rows.dtype], BLOCK_D=BLOCK_D,
+            enable_fp_fusion=False)
     return counts, value, out
 
 
