@@ -1,28 +1,39 @@
 """The Triton PAV (soft sort/rank on the device), run by Triton's interpreter, against the
 C kernel (``_pav.soft_forward``, itself tested against the paper's oracles) and the
-documented invariants.  L2 is the whole forward; KL is the isotonic step alone."""
-import os
+documented invariants.  L2 is the whole forward; KL is the isotonic step alone.
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+Run by tests/test_triton_interpreter.py in a fresh process with ``TRITON_INTERPRET=1``;
+``TRITON_INTERPRET=0 python -m pytest tests/_triton_pav_cases.py`` on a CUDA machine runs
+them on the device.
+"""
+import importlib.util
+import os
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton not installed", allow_module_level=True)
 
 from nonsmooth.solvers import _soft_sort_core as core  # noqa: E402
-from nonsmooth.solvers import _triton_pav as TPV  # noqa: E402
 from nonsmooth.solvers._isotonic import pav_rows  # noqa: E402
 from nonsmooth.solvers._soft_sort_torch import _vjp_torch  # noqa: E402
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 pytestmark = pytest.mark.skipif(not core._FUSED, reason="needs the C kernel as the reference")
 
 
-def rows(rng, dtype):
+@pytest.fixture(scope="module")
+def tpv():
+    """(the Triton PAV module, the device)."""
+    if os.environ.get("TRITON_INTERPRET") != "0" or not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+    from nonsmooth.solvers import _triton_pav
+
+    yield _triton_pav, "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+
+
+def rows(rng, dtype, DEVICE):
     x = rng.normal(size=(4, 11))
     x[0, 2] = x[0, 7] = x[0, 5]  # ties
     x[1] *= 1e-3  # everything pooled at moderate eps
@@ -34,8 +45,9 @@ def rows(rng, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("op", ["rank", "sort"])
 @pytest.mark.parametrize("descending", [False, True])
-def test_l2_forward_is_the_c_kernel_bit_for_bit(dtype, op, descending):
-    x = rows(np.random.default_rng(1), dtype)
+def test_l2_forward_is_the_c_kernel_bit_for_bit(tpv, dtype, op, descending):
+    TPV, DEVICE = tpv
+    x = rows(np.random.default_rng(1), dtype, DEVICE)
     for eps in (1e-3, 0.3, 1.0, 50.0, 1e6):  # 1e6: the pooled-sort closed form
         out, perm, block = TPV.soft_forward_l2(x, rank=op == "rank", strength=eps,
                                                descending=descending)
@@ -46,7 +58,8 @@ def test_l2_forward_is_the_c_kernel_bit_for_bit(dtype, op, descending):
         np.testing.assert_array_equal(block.cpu().numpy(), bc)
 
 
-def test_l2_invariants_and_device_backward():
+def test_l2_invariants_and_device_backward(tpv):
+    TPV, DEVICE = tpv
     x = torch.tensor(np.random.default_rng(2).normal(size=(3, 9)), device=DEVICE)
     n = x.shape[-1]
     r, perm, block = TPV.soft_forward_l2(x, rank=True, strength=0.7, descending=False)
@@ -65,7 +78,8 @@ def test_l2_invariants_and_device_backward():
     np.testing.assert_allclose(dx.cpu().numpy(), ref, rtol=1e-13, atol=1e-15)
 
 
-def test_bad_input_gets_the_host_paths_errors():
+def test_bad_input_gets_the_host_paths_errors(tpv):
+    TPV, DEVICE = tpv
     with pytest.raises(ValueError, match="must be finite"):
         TPV.soft_forward_l2(torch.tensor([[1.0, float("nan")]], device=DEVICE), rank=True,
                             strength=1.0, descending=False)
@@ -78,7 +92,8 @@ def test_bad_input_gets_the_host_paths_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_kl_isotonic_step_matches_the_c_kernel(dtype):
+def test_kl_isotonic_step_matches_the_c_kernel(tpv, dtype):
+    TPV, DEVICE = tpv
     rng = np.random.default_rng(3)
     y = rng.normal(size=(5, 13)) * np.array([[1.0], [0.01], [30.0], [1.0], [1.0]])
     w = -np.sort(-rng.normal(size=(5, 13)), axis=-1)
@@ -105,8 +120,9 @@ def test_kl_isotonic_step_matches_the_c_kernel(dtype):
                                        rtol=10 * tol)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
-def test_soft_rank_of_a_cuda_tensor_stays_on_the_device():  # pragma: no cover - GPU only
+def test_soft_rank_of_a_cuda_tensor_stays_on_the_device(tpv):  # pragma: no cover - GPU only
+    if tpv[1] != "cuda":
+        pytest.skip("needs a CUDA device (TRITON_INTERPRET=0)")
     from nonsmooth.solvers import soft_rank
 
     x = torch.randn(8, 100, device="cuda", requires_grad=True)

@@ -4,57 +4,73 @@ Same key -> same Philox words -> bit-identical samples (the interpreter runs the
 operations as numpy does, without contraction) -> identical solver outputs: forward
 means must be equal exactly, values and gradients to rounding (sums are taken in another
 order).  The interpreter is slow (tens of milliseconds per sample and program), so the
-default run keeps problems tiny; the full matrix is marked slow.
-"""
-import os
+default run keeps problems tiny; the full matrix is marked slow.  On a CUDA machine,
+``TRITON_INTERPRET=0`` runs the same tests on the device.
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+Run by tests/test_triton_interpreter.py in a fresh process with ``TRITON_INTERPRET=1``
+(the switch must be on before triton is first imported, and must not leak into the
+other tests); run it directly with ``python -m pytest tests/_triton_fused_cases.py``.
+"""
+import importlib.util
+import os
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-import triton.language as tl  # noqa: E402
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton not installed", allow_module_level=True)
+C = pytest.importorskip("nonsmooth.solvers._perturb_c")
 
 from nonsmooth.solvers import _fused  # noqa: E402
-from nonsmooth.solvers import _triton_perturb as TP  # noqa: E402
 
-C = pytest.importorskip("nonsmooth.solvers._perturb_c")
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 K_OF = {"argmax": 1, "topk": 2, "rank": 0, "sortperm": 0}
 
 
-@pytest.fixture(autouse=True)
-def few_programs(monkeypatch):
-    monkeypatch.setattr(TP, "TARGET_PROGRAMS", 4)  # 2 rows x 2 sample chunks
+@pytest.fixture(scope="module")
+def tp():
+    """(the kernels module, the device, the math test kernel), interpreted unless
+    TRITON_INTERPRET=0 and a GPU is there."""
+    if os.environ.get("TRITON_INTERPRET") != "0" or not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
+    import triton
+    import triton.language as tl
 
+    from nonsmooth.solvers import _triton_perturb as TP
 
-@triton.jit
-def _math_kernel(x_ptr, w_ptr, out_ptr, n, WHICH: tl.constexpr, F64: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    if WHICH == 0:
-        x = tl.load(x_ptr + i, mask=m, other=1.0)
-        y = TP._vlog(x)
-    elif WHICH == 3:
-        x = tl.load(x_ptr + i, mask=m, other=0.0)
-        y = TP._vexp(x)
-    else:
-        c, s = TP._sincos(tl.load(w_ptr + i, mask=m, other=0), F64)
-        if WHICH == 1:
-            y = c
+    globals()["TP"] = TP  # Triton resolves a kernel's names in its module globals
+    device = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+
+    @triton.jit
+    def math_kernel(x_ptr, w_ptr, out_ptr, n, WHICH: tl.constexpr, F64: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        if WHICH == 0:
+            x = tl.load(x_ptr + i, mask=m, other=1.0)
+            y = TP._vlog(x)
+        elif WHICH == 3:
+            x = tl.load(x_ptr + i, mask=m, other=0.0)
+            y = TP._vexp(x)
         else:
-            y = s
-    tl.store(out_ptr + i, y, mask=m)
+            c, s = TP._sincos(tl.load(w_ptr + i, mask=m, other=0), F64)
+            if WHICH == 1:
+                y = c
+            else:
+                y = s
+        tl.store(out_ptr + i, y, mask=m)
+
+    yield TP, device, math_kernel
+
+
+@pytest.fixture(autouse=True)
+def few_programs(tp, monkeypatch):
+    monkeypatch.setattr(tp[0], "TARGET_PROGRAMS", 4)  # 2 rows x 2 sample chunks
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_elementwise_math_is_bit_identical_to_the_c_kernel(dtype):
+def test_elementwise_math_is_bit_identical_to_the_c_kernel(tp, dtype):
+    _, _, math_kernel = tp
     rng = np.random.default_rng(0)
     n = 4096
     w = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
@@ -65,14 +81,15 @@ def test_elementwise_math_is_bit_identical_to_the_c_kernel(dtype):
         ours = np.empty(n, dtype)
         C.math(which, w if which in (1, 2) else x, ours)
         out = torch.empty(n, dtype=torch.float64 if dtype == np.float64 else torch.float32)
-        _math_kernel[(n // 512,)](torch.from_numpy(x), torch.from_numpy(w.view(np.int32)), out, n,
+        math_kernel[(n // 512,)](torch.from_numpy(x), torch.from_numpy(w.view(np.int32)), out, n,
                                   WHICH=which, F64=dtype == np.float64, BLOCK=512)
         np.testing.assert_array_equal(out.numpy(), ours)
 
 
 @pytest.mark.parametrize("noise", ["gumbel", "normal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_same_key_same_samples_as_the_c_kernel(noise, dtype):
+def test_same_key_same_samples_as_the_c_kernel(tp, noise, dtype):
+    TP, DEVICE, _ = tp
     key = (0x1234ABCD << 32) | 0x9876
     Z, E = TP.noise(torch.tensor([key]), 3, (2, 9), noise=noise, dtype=dtype, device=DEVICE)
     Zc, Ec = _fused.noise(key, 3, (2, 9), noise=noise,
@@ -82,7 +99,8 @@ def test_same_key_same_samples_as_the_c_kernel(noise, dtype):
         np.testing.assert_array_equal(E.cpu().numpy(), Ec)
 
 
-def _compare(name, noise, cv, dtype, N=12, d=7):
+def _compare(tp, name, noise, cv, dtype, N=12, d=7):
+    TP, DEVICE, _ = tp
     rng = np.random.default_rng(abs(hash((name, noise, cv, str(dtype)))) % 2**32)
     theta = torch.tensor(rng.normal(size=(2, d)), dtype=dtype, device=DEVICE)
     theta[1] *= 300.0  # a row past the Gumbel ratio limit
@@ -109,8 +127,8 @@ def _compare(name, noise, cv, dtype, N=12, d=7):
     ("rank", "gumbel", True, torch.float32),
     ("sortperm", "gumbel", False, torch.float64),
 ])
-def test_kernels_match_the_c_kernel(name, noise, cv, dtype):
-    _compare(name, noise, cv, dtype)
+def test_kernels_match_the_c_kernel(tp, name, noise, cv, dtype):
+    _compare(tp, name, noise, cv, dtype)
 
 
 @pytest.mark.slow
@@ -118,11 +136,12 @@ def test_kernels_match_the_c_kernel(name, noise, cv, dtype):
 @pytest.mark.parametrize("noise", ["gumbel", "normal"])
 @pytest.mark.parametrize("cv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernels_match_the_c_kernel_full_matrix(name, noise, cv, dtype):
-    _compare(name, noise, cv, dtype, N=20, d=9)
+def test_kernels_match_the_c_kernel_full_matrix(tp, name, noise, cv, dtype):
+    _compare(tp, name, noise, cv, dtype, N=20, d=9)
 
 
-def test_empty_batch_and_layer_dispatch(monkeypatch):
+def test_empty_batch_and_layer_dispatch(tp):
+    TP, DEVICE, _ = tp
     theta = torch.zeros((0, 5), device=DEVICE)
     sp = _fused.Spec("argmax", 1, 4, 0.5, "gumbel", False, "mean")
     mean, value = TP.forward(theta, torch.tensor([1]), sp, want_value=True)
