@@ -1,4 +1,4 @@
-"""Only here to build the C extension (PAV isotonic regression).
+"""Only here to build the C extensions (PAV isotonic regression; fused perturbed kernels).
 
 The extension needs gcc and the Python headers alone: it reads arrays through the
 buffer protocol, so neither NumPy nor torch headers are involved.  A failed build is
@@ -48,7 +48,17 @@ setup(
             "nonsmooth.solvers._pav",
             sources=["solvers/_pav.c"],
             extra_compile_args=["-O3", "-std=c99"],
-        )
+        ),
+        # Fused perturbed kernels (issue 16): same build rules as _pav (buffer protocol
+        # only, no NumPy/torch headers).  -fno-math-errno makes sqrt one instruction;
+        # -std=c99 keeps floating-point contraction off (the Triton kernels replay the
+        # same IEEE sequence).
+        Extension(
+            "nonsmooth.solvers._perturb_c",
+            sources=["solvers/_perturb_kernels.c"],
+            extra_compile_args=["-O3", "-std=c99", "-fno-math-errno"],
+            extra_link_args=["-pthread"],
+        ),
     ],
     cmdclass={"build_ext": _BuildExt},
 )

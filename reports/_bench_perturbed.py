@@ -253,6 +253,9 @@ def run(*, quick: bool = False, out=print) -> list[Table]:
     if _have("pyepo") and _have("torch"):
         tables.append(_pyepo_table(quick, out))
     tables.append(_gpu_table(quick, out))
+    from ._bench_fused import tables as fused_tables  # issue 16: the fused kernels' ratios
+
+    tables += fused_tables(quick, out)
     _print_tables(tables, out)
     return tables
 

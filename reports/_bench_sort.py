@@ -137,7 +137,11 @@ def run(*, quick: bool = False, out=print) -> list[Table]:
     table = Table(title="soft sort / soft rank (torch tensors)", columns=COLUMNS, rows=rows,
                   note=note)
     out(_render(table))
-    return [table]
+    from ._bench_fused import sort_device_table  # issue 16: CUDA tensors stay on the device
+
+    device = sort_device_table(quick, out)
+    out(f"{device.title}: {device.note}")
+    return [table, device]
 
 
 def _verdict(shape, mode: str, vs_sort: float, vs_argsort: float, vs_torchsort) -> str:

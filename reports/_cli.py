@@ -73,16 +73,16 @@ def _cmd_doctor(args) -> int:
     else:
         width = max(len(k) for k in env)
         for key, value in env.items():
-            if key == "pav":
+            if key in ("pav", "perturbed"):
                 value = f"{value['backend']}  ({value['detail']})"
             elif key == "gpus":
                 value = ", ".join(f"{fw}: {v if v else 'none'}" for fw, v in value.items()) or "none"
             print(f"{key:<{width}}  {value if value is not None else 'not installed'}")
-    if args.require_c and env["pav"]["backend"] != "c":
-        print("error: the C PAV kernel is not the backend in use "
-              f"({env['pav']['detail']}); reinstall with gcc and the Python headers available",
-              file=sys.stderr)
-        return 1
+    for part in ("pav", "perturbed"):
+        if args.require_c and env[part]["backend"] != "c":
+            print(f"error: the C {part} kernel is not in use ({env[part]['detail']}); "
+                  "reinstall with gcc and the Python headers available", file=sys.stderr)
+            return 1
     return 0
 
 

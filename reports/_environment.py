@@ -56,6 +56,27 @@ def pav_status() -> dict:
     return {"backend": backend, "detail": detail}
 
 
+def _dist_version(name: str):
+    """An installed distribution's version without importing it (triton is heavy)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def fused_status() -> dict:
+    """Whether the fused perturbed kernel (C) is loaded, with its Philox ISA."""
+    try:
+        from nonsmooth.solvers import _perturb_c
+    except Exception as exc:
+        return {"backend": "stacked", "detail": f"C kernel not loaded ({type(exc).__name__}); "
+                "perturbed layers use the stacked path"}
+    return {"backend": "c", "detail": f"C extension nonsmooth.solvers._perturb_c loaded, "
+            f"Philox {_perturb_c.PHILOX_ISA}, threads {'yes' if _perturb_c.HAVE_PTHREADS else 'no'}"}
+
+
 def environment() -> dict:
     """A JSON-ready description of the running environment.
 
@@ -80,6 +101,8 @@ def environment() -> dict:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "hypothesis": _version("hypothesis"),
+        "triton": _dist_version("triton"),
         "pav": pav_status(),
+        "perturbed": fused_status(),
         "gpus": _gpus(),
     }

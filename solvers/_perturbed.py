@@ -66,6 +66,12 @@ class PerturbedLayer:
         """
         fw = _framework_of_input(theta)
         spec = self.spec
+        # issue 16: a built-in solver runs a fused kernel (noise regenerated from a counter,
+        # never stored); custom solvers, custom noise, pytrees, torch.compile and torch.func
+        # transforms keep the general stacked path below
+        fused = self._fused(theta, fw, key, generator)
+        if fused is not NotImplemented:
+            return fused
         if fw == "jax":
             from ._perturbed_jax import perturbed_jax
 
@@ -84,6 +90,76 @@ class PerturbedLayer:
         if key is not None or generator is not None:
             raise TypeError("numpy inputs use the layer's seed; key=/generator= do not apply")
         return _perturbed_numpy(spec, theta)
+
+    def _fused(self, theta, fw, key, generator):
+        want = self.spec.fused
+        if want is False:
+            return NotImplemented
+        out = self._try_fused(theta, fw, key, generator)
+        if out is NotImplemented and want is True:
+            raise ValueError(
+                "fused=True but the fused kernel cannot run here: it needs a built-in solver (argmax_onehot, "
+                "topk_mask, hard_rank, sort_permutation), noise='gumbel' or 'normal', one event axis, a "
+                "float32/float64 array (torch: eager mode, no torch.func transform or forward AD), and the "
+                "C extension (CPU) or Triton (CUDA); pass fused=None to fall back automatically")
+        return out
+
+    def _try_fused(self, theta, fw, key, generator):
+        if not _is_array(theta) or self.spec.noise.kind == "custom" or self.spec.event_ndim != 1:
+            return NotImplemented
+        from . import _fused
+
+        if not _fused.available():
+            return NotImplemented
+        sigma = self.spec.sigma
+        if fw == "numpy":
+            check_array(theta, "theta", event_ndim=1, finite=True)
+            fmax = float(np.finfo(theta.dtype).max) if np.issubdtype(theta.dtype, np.floating) else np.inf
+            common.check_sigma_for_dtype(sigma, theta.dtype, fmax)
+            if theta.size:
+                common.check_theta_magnitude(float(np.abs(theta).max()), sigma, theta.dtype, fmax)
+            return _fused.fused_call(self, np.asarray(theta), "numpy")
+        if fw == "jax":
+            if generator is not None:
+                raise TypeError("generator= is for torch inputs; pass key= for jax")
+            check_array(theta, "theta", event_ndim=1)
+            fmax = float(np.finfo(np.dtype(theta.dtype)).max)
+            common.check_sigma_for_dtype(sigma, theta.dtype, fmax)
+            from ._combinatorial_common import is_tracer
+
+            if not is_tracer(theta) and theta.size:  # under jit the rows that would overflow come out NaN
+                common.check_theta_magnitude(float(np.abs(np.asarray(theta)).max()), sigma, theta.dtype, fmax)
+            return _fused.fused_call(self, theta, "jax", key=key)
+        if fw != "torch" or key is not None:
+            return NotImplemented
+        import torch
+
+        if torch_compiling() or torch._C._are_functorch_transforms_active():
+            return NotImplemented
+        from torch.autograd import forward_ad
+
+        if forward_ad._current_level >= 0 and forward_ad.unpack_dual(theta).tangent is not None:
+            return NotImplemented  # forward AD: the general path has the tangent rule
+        check_array(theta, "theta", event_ndim=1)
+        if theta.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            fmax = torch.finfo(theta.dtype).max
+            common.check_sigma_for_dtype(self.spec.sigma, theta.dtype, fmax)
+            if theta.numel() and bool(torch.isfinite(theta).all()):
+                common.check_theta_magnitude(float(theta.detach().abs().max()), self.spec.sigma, theta.dtype, fmax)
+        spec = _fused.layer_spec(self, int(theta.shape[-1]))
+        if spec is None or theta.device.type not in ("cpu", "cuda"):
+            return NotImplemented
+        # one Philox key per call from the layer's counter stream ([seed, calls so far], or a
+        # seed drawn from the caller's generator): the key the general path would use too,
+        # so compiled or transformed calls see the very same samples
+        state = self._rng_for_torch(generator)
+        seed, counter = (int(v) for v in state.tolist())
+        from ._fused_torch import fused_torch_key
+
+        out = fused_torch_key(spec, theta, common.rng_seed(seed, counter))
+        if out is not NotImplemented:
+            state[1] += 1
+        return out
 
     def _rng_for_torch(self, generator):
         import torch
@@ -180,7 +256,8 @@ def _framework_of_input(theta) -> str:
 
 def perturbed(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
               noise="gumbel", control_variate: bool = False, seed: int = 0,
-              event_ndim: int | None = None, batched: bool | None = None) -> PerturbedLayer:
+              event_ndim: int | None = None, batched: bool | None = None,
+              fused: bool | None = None) -> PerturbedLayer:
     """Differentiable theta -> y_sigma(theta) = E[solver(theta + sigma Z)].
 
     The forward pass averages ``num_samples`` solutions computed in *one* call of
@@ -200,6 +277,14 @@ def perturbed(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
     ``torch.compile(fullgraph=True)``) and jax arrays or pytrees (grad, hessian, jacfwd,
     jit, vmap); noise is drawn on theta's device.
 
+    ``fused``: built-in solvers (argmax, top-k, rank, sort permutation) with Gumbel or normal
+    noise run a fused kernel by default (C on the CPU, Triton on CUDA): the noise is
+    regenerated from a counter-based generator, never stored (memory O(batch x dim)), and the
+    first derivatives come from the same kernel.  Its second derivatives of the mean raise;
+    ``fused=False`` takes the general path, with derivatives of every order, forward AD and
+    ``torch.compile``/``torch.func`` (which switch to it automatically); both draw the same
+    samples from the same key on the CPU.  ``fused=True`` raises if the kernel cannot run.
+
     Example:
         >>> import torch
         >>> from nonsmooth.solvers import perturbed, argmax_onehot
@@ -212,12 +297,13 @@ def perturbed(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
     return PerturbedLayer(common.make_spec(
         solver, num_samples=num_samples, sigma=sigma, noise=noise,
         control_variate=control_variate, seed=seed, event_ndim=event_ndim, output="mean",
-        batched=batched))
+        batched=batched, fused=fused))
 
 
 def perturbed_max(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
                   noise="gumbel", control_variate: bool = False, seed: int = 0,
-                  event_ndim: int | None = None, batched: bool | None = None) -> PerturbedLayer:
+                  event_ndim: int | None = None, batched: bool | None = None,
+                  fused: bool | None = None) -> PerturbedLayer:
     """Smoothed optimal value theta -> F_sigma(theta) = E[<y*(theta + sigma Z), theta + sigma Z>].
 
     Its gradient is y_sigma(theta) from the same samples, its Hessian the perturbed
@@ -236,7 +322,7 @@ def perturbed_max(solver: Callable, *, num_samples: int = 1000, sigma: float = 0
     return PerturbedLayer(common.make_spec(
         solver, num_samples=num_samples, sigma=sigma, noise=noise,
         control_variate=control_variate, seed=seed, event_ndim=event_ndim, output="value",
-        batched=batched))
+        batched=batched, fused=fused))
 
 
 class FenchelYoungLoss:
@@ -273,7 +359,7 @@ class FenchelYoungLoss:
 def fenchel_young_loss(solver: Callable, *, num_samples: int = 1000, sigma: float = 0.1,
                        noise="gumbel", control_variate: bool = False, seed: int = 0,
                        event_ndim: int | None = None, sense: str | None = None,
-                       batched: bool | None = None) -> FenchelYoungLoss:
+                       batched: bool | None = None, fused: bool | None = None) -> FenchelYoungLoss:
     """Perturbed Fenchel-Young loss ``loss(theta, y)``, a convex function of theta.
 
     For a maximizing solver (``sense="max"``, the default unless ``solver.sense`` says
@@ -295,7 +381,7 @@ def fenchel_young_loss(solver: Callable, *, num_samples: int = 1000, sigma: floa
     _, s = solver_info(solver, event_ndim=event_ndim, sense=sense)
     layer = perturbed_max(solver, num_samples=num_samples, sigma=sigma, noise=noise,
                           control_variate=control_variate, seed=seed, event_ndim=event_ndim,
-                          batched=batched)
+                          batched=batched, fused=fused)
     return FenchelYoungLoss(layer, s)
 
 

@@ -111,6 +111,7 @@ class PerturbedSpec:
     event_ndim: int
     output: str = "mean"
     batched: bool | None = None
+    fused: bool | None = None  # None: the fused kernel when it applies; False: never; True: required
     # (framework, event shape, dtype) -> (batched, output event shape), filled on first use.
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -195,13 +196,15 @@ def rng_seed(seed: int, counter: int) -> int:
 
 
 def make_spec(solver, *, num_samples, sigma, noise, control_variate, seed, event_ndim, output,
-              batched) -> PerturbedSpec:
+              batched, fused=None) -> PerturbedSpec:
     law = check_options(num_samples, sigma, noise, control_variate, seed, batched)
+    if fused not in (None, True, False):
+        raise TypeError(f"fused must be None (automatic), True or False, got {fused!r}")
     nd, _ = solver_info(solver, event_ndim=event_ndim)
     if batched is None and getattr(solver, "batched", None) is True:
         batched = True     # built-in solvers say so: no probe
     return PerturbedSpec(solver, int(num_samples), float(sigma), law, control_variate,
-                         int(seed), nd, output, batched)
+                         int(seed), nd, output, batched, fused)
 
 
 def explain(spec: PerturbedSpec) -> str:

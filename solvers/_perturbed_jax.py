@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -162,6 +163,15 @@ def draw_noise(spec, theta, key):
         if Z.shape != shape:
             raise ValueError(f"noise.sample(key, {shape}) returned shape {tuple(Z.shape)}")
         return Z, Z
+    if np.dtype(theta.dtype) in (np.float32, np.float64) and theta.ndim >= 1:
+        from . import _fused
+
+        if _fused.available():
+            # the fused kernels' counter-based generator, keyed the same way: the general
+            # path, freeze() and the fused kernel then see the same samples
+            from ._fused_jax import philox_noise
+
+            return philox_noise(spec.num_samples, spec.noise.kind, theta, key, spec.seed)
     with jax.threefry_partitionable(False):
         if spec.noise.kind == "gumbel":
             tiny = jnp.finfo(theta.dtype).tiny

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import threading
 
+import numpy as np
 import torch
 
 from . import _torch_ops
@@ -58,7 +59,22 @@ def perturbed_torch(spec: PerturbedSpec, theta: torch.Tensor, rng_state: torch.T
 # ----------------------------------------------------------------------------- samples
 
 
-def draw_and_solve(spec: PerturbedSpec, theta: torch.Tensor, generator: torch.Generator):
+def _philox_noise(spec: PerturbedSpec, theta: torch.Tensor, key):
+    """(Z, E) from the fused kernels' counter-based generator for this key, when it can
+    draw them (built-in noise, float32/64 on the CPU): the same samples as the fused path."""
+    if key is None or spec.noise.kind not in ("gumbel", "normal") or theta.device.type != "cpu" \
+            or theta.dtype not in (torch.float32, torch.float64) or theta.ndim < 1:
+        return None
+    from . import _fused
+
+    if not _fused.available():
+        return None
+    dtype = np.float32 if theta.dtype == torch.float32 else np.float64
+    Z, E = _fused.noise(key, spec.num_samples, tuple(theta.shape), noise=spec.noise.kind, dtype=dtype)
+    return torch.from_numpy(Z), None if E is None else torch.from_numpy(E)
+
+
+def draw_and_solve(spec: PerturbedSpec, theta: torch.Tensor, generator: torch.Generator, key=None):
     """(Y, S, V): solver outputs on the rows of P, the noise's score data, and the sample
     mean of <y_i, P_i> for ``perturbed_max`` (an empty tensor otherwise).
 
@@ -70,7 +86,12 @@ def draw_and_solve(spec: PerturbedSpec, theta: torch.Tensor, generator: torch.Ge
     shape = (N,) + tuple(theta.shape)
     P = torch.empty((spec.rows,) + tuple(theta.shape), dtype=theta.dtype, device=theta.device)
     kind = spec.noise.kind
-    if kind == "gumbel":
+    philox = _philox_noise(spec, theta, key)
+    if philox is not None:
+        Z, E = philox
+        torch.add(theta, Z, alpha=sigma, out=P[:N])
+        S = E if kind == "gumbel" else Z
+    elif kind == "gumbel":
         E = torch.rand(shape, generator=generator, dtype=theta.dtype, device=theta.device)
         E.clamp_(min=torch.finfo(theta.dtype).tiny)
         torch.log(E, out=E).neg_()
@@ -165,7 +186,7 @@ def perturbed_samples(theta: torch.Tensor, rng_state: torch.Tensor,
         rng_state[1] += 1
     generator = torch.Generator(device=theta.device)
     generator.manual_seed(rng_seed(seed, counter))
-    Y, S, V = draw_and_solve(spec, theta, generator)
+    Y, S, V = draw_and_solve(spec, theta, generator, key=rng_seed(seed, counter))
     # Outputs of a custom operator must not alias its inputs.
     return Y if Y.data_ptr() != theta.data_ptr() else Y.clone(), S, V
 

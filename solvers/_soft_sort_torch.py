@@ -42,6 +42,12 @@ def _to_device(array, like: torch.Tensor) -> torch.Tensor:
 
 def _forward_host(x, strength, regularization, rank, descending):
     """The host forward; returns (out, perm, block) tensors on ``x``'s device."""
+    if x.device.type == "cuda":  # issue 16: L2 stays on the device (Triton PAV)
+        from ._fused import device_soft_forward
+
+        res = device_soft_forward(x, strength, regularization, rank, descending)
+        if res is not NotImplemented:
+            return res
     x2 = _host_rows(x)
     op = "rank" if rank else "sort"
     if x.device.type == "cpu" and _core._fusable(x2):

@@ -99,7 +99,7 @@ SIGMA = 0.7
 def test_torch_second_derivative_of_gumbel_argmax_is_softmax_second_derivative():
     R, N = 200, 1000
     _, _, H = softmax_derivatives(THETA4, SIGMA)
-    layer = perturbed(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True, seed=2)
+    layer = perturbed(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True, seed=2, fused=False)
     t = torch.tensor(np.tile(THETA4, (R, 1)), requires_grad=True)
     y = layer(t)
     est = np.zeros((R, 4, 4, 4))
@@ -114,7 +114,7 @@ def test_torch_second_derivative_of_gumbel_argmax_is_softmax_second_derivative()
 def test_jax_second_derivative_of_gumbel_argmax_is_softmax_second_derivative():
     R, N = 200, 1000
     _, _, H = softmax_derivatives(THETA4, SIGMA)
-    layer = perturbed(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True)
+    layer = perturbed(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True, fused=False)
     keys = jax.random.split(jax.random.PRNGKey(1), R)
     theta = jnp.asarray(THETA4, jnp.float32)
     est = jax.jit(jax.vmap(lambda k: jax.hessian(lambda t: layer(t, key=k))(theta)))(keys)
@@ -126,7 +126,7 @@ def test_third_derivative_of_gumbel_max_is_softmax_second_derivative():
     # second derivative (jax: jacfwd of hessian; the estimator of every order is defined).
     R, N = 200, 1000
     _, _, H = softmax_derivatives(THETA4, SIGMA)
-    fmax = perturbed_max(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True)
+    fmax = perturbed_max(argmax_onehot, num_samples=N, sigma=SIGMA, control_variate=True, fused=False)
     keys = jax.random.split(jax.random.PRNGKey(2), R)
     theta = jnp.asarray(THETA4, jnp.float32)
     T = jax.jit(jax.vmap(lambda k: jax.jacfwd(jax.hessian(lambda t: fmax(t, key=k)))(theta)))(keys)
@@ -194,3 +194,17 @@ def test_normal_perturbed_max_value_gradient_hessian_match_quadrature(framework)
     assert_within(value, F)
     assert_within(grad, p)
     assert_within(hess, J)
+
+
+def test_fused_path_raises_on_second_derivatives_of_the_mean_and_says_what_to_do():
+    """The fused kernel computes first derivatives only; a second derivative of perturbed(...)
+    raises and names fused=False, never a silent number."""
+    torch = pytest.importorskip("torch")
+    layer = perturbed(argmax_onehot, num_samples=100, sigma=0.5)
+    theta = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(theta)[0, 0], theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused=False"):
+        torch.autograd.grad(g.sum(), theta)
+    jax = pytest.importorskip("jax")
+    with pytest.raises(NotImplementedError, match="fused=False"):
+        jax.hessian(lambda t: layer(t)[0, 0])(jax.numpy.zeros((1, 3)))

@@ -122,7 +122,7 @@ def test_double_backward_of_perturbed_max_is_the_perturbed_jacobian():
 @pytest.mark.parametrize("control_variate", [False, True])
 def test_gradcheck_on_frozen_estimator_and_layer_matches_it(noise, control_variate):
     law = torch.distributions.Laplace(0.0, 1.0) if noise == "laplace" else noise
-    layer = perturbed(topk_mask(2), num_samples=40, sigma=SIGMA, noise=law,
+    layer = perturbed(topk_mask(2), num_samples=40, sigma=SIGMA, noise=law, fused=False,
                       control_variate=control_variate)
     theta0 = theta_batch(seed=8, shape=(2, 4))
     f = layer.freeze(theta0, generator=torch.Generator().manual_seed(9))
