@@ -66,7 +66,8 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
     subnormals) puts the point on it.  The trace is cached per ``f`` and shapes, and
     checked against ``f(x)`` on every call.  ``kink_tol`` widens "at a kink" to
     ``|distance| <= kink_tol``; ``exact_budget`` caps the number of active kinks whose
-    pieces are enumerated exactly; ``n_directions`` is the number of random LD direction
+    pieces are enumerated exactly (one layer of independent kinks, as in ``relu(W x)``,
+    is decided as a Minkowski sum without enumeration, whatever the budget); ``n_directions`` is the number of random LD direction
     matrices and of sampled vertex choices.
 
     Thread safety: calls from several threads are serialized (the tracers of torch and

@@ -49,6 +49,21 @@ def hull_residual(points: np.ndarray, target: np.ndarray) -> tuple[float, np.nda
     P = np.asarray(points, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64).reshape(-1)
     m, d = P.shape
+    if m == 0:
+        return float("inf"), np.zeros(0)
+    # Coordinates where every point agrees add a constant term whatever the weights: only
+    # the others enter the LP (a 1000 x 1000 Jacobian with one active kink differs in one row).
+    vary = np.any(P != P[:1], axis=0)
+    const = float(np.max(np.abs(P[0, ~vary] - y[~vary]), initial=0.0))
+    if not np.all(np.isfinite(P[0, ~vary])) or not np.all(np.isfinite(y)):
+        return float("inf"), np.zeros(m)
+    if not vary.any():
+        w = np.zeros(m)
+        w[0] = 1.0
+        return const, w
+    if not vary.all():
+        r, w = hull_residual(P[:, vary], y[vary])
+        return max(const, r), w
     # variables: w (m), s; minimize s; -s <= P^T w - y <= s; sum w = 1
     c = np.zeros(m + 1)
     c[-1] = 1.0

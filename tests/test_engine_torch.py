@@ -389,16 +389,31 @@ def test_kink_tol_widens_activity():
 
 
 def test_budget_exceeded_is_honest():
-    # 6 independent relu kinks with a budget of 2: nothing certified beyond the budget
-    W = torch.eye(6, dtype=torch.float64)
-    a = audit(lambda x: (torch.relu(W @ x) - torch.relu(-(W @ x))).sum().reshape(1),
-              torch.zeros(6, dtype=torch.float64), exact_budget=2)
+    # Kinks in two layers (the outer relu reads the inner ones), so no Minkowski-sum
+    # decomposition applies and the pieces must be enumerated: with a budget of 2
+    # nothing is certified beyond it.  AD (all zeros) is far from every element found
+    # (all ones, or all twos), yet the set may be incomplete: UNDECIDED, naming the budget.
+    def f(x):
+        inner = torch.relu(x).sum() - torch.relu(-x).sum()
+        return ((torch.relu(x) - torch.relu(-x)).sum() + torch.relu(inner)).reshape(1)
+
+    a = audit(f, torch.zeros(6, dtype=torch.float64), exact_budget=2)
     assert not a.exact
-    assert a.verdict in (Verdict.UNDECIDED, Verdict.SPURIOUS)
-    # AD (all zeros) is far from the only B-element (all ones): with a budget the
-    # engine may still certify by non-finite AD only; here it must stay UNDECIDED
     assert a.verdict is Verdict.UNDECIDED
     assert "exact_budget" in a.reason
+
+
+def test_one_layer_of_kinks_needs_no_budget():
+    # One layer of independent kinks is decided as a Minkowski sum of 1-kink sets, with
+    # no enumeration of its 2^6 sign patterns: exact even under exact_budget=2.  Oracle:
+    # d/dx_i (relu(x_i) - relu(-x_i)) = 1 on both sides, so the Clarke set is {ones}.
+    W = torch.eye(6, dtype=torch.float64)
+    f = lambda x: (torch.relu(W @ x) - torch.relu(-(W @ x))).sum().reshape(1)  # noqa: E731
+    x = torch.zeros(6, dtype=torch.float64)
+    a = audit(f, x, exact_budget=2)
+    assert a.exact and a.verdict is Verdict.SPURIOUS
+    C = clarke_jacobian(f, x, exact_budget=2)
+    assert C.exact and C.contains(np.ones((1, 6))) and not C.contains(np.full((1, 6), 0.9), tol=1e-3)
 
 
 def test_clamp_with_tensor_bounds_and_nn_module():
