@@ -284,51 +284,67 @@ class _LoopPrimitive:
 
 
 class FastBody:
-    """One iteration of a sub-graph compiled: float64 values, tangents (k columns), the
-    inputs of every nonsmooth node (to check for active kinks) and the largest finite
-    magnitude it computed (the continuity check's rounding budget)."""
+    """Chunks of whole iterations compiled (one ``lax.scan`` per call): float64 values,
+    tangents (k columns), the inputs of every nonsmooth node per iteration (to look for
+    active kinks) and the largest finite magnitude computed (the continuity check's
+    rounding budget).  Iterations past ``n_run`` (or after a while loop stops) leave the
+    carry unchanged, so one compiled chunk serves every count."""
 
     def __init__(self, consts: dict):
         self.consts = consts
         self.cache: dict = {}
 
-    def step(self, sub: SubGraph, ins, tans, k: int, stop_identity: bool):
+    def chunk(self, spec, C, n_run, cvals, ctans, carry, carry_t, xs, xs_t, k, stop_identity, mask):
         from ._trace_jax import _x64
 
-        mask = tuple(t is not None and v.is_float for v, t in zip(sub.invars, tans))
-        key = (id(sub), k, bool(stop_identity), mask)
+        key = (id(spec), C, k, bool(stop_identity), mask)
         fn = self.cache.get(key)
         if fn is None:
-            fn = self.cache[key] = self._build(sub, k, stop_identity, mask)
+            fn = self.cache[key] = self._build(spec, C, k, stop_identity, mask)
+        body = spec.body
+        if spec.kind == "scan":
+            cc, bc, bct = [], list(cvals), list(ctans)
+        else:
+            ncc = spec.n_cond_consts
+            cc, bc, bct = list(cvals[:ncc]), list(cvals[ncc:]), list(ctans[ncc:])
+        nb = len(bc)
         with _x64():
-            outs, otans, checks, mag = fn(list(ins), [t for t, m in zip(tans, mask) if m])
-        checks_full = []
-        c = 0
-        for m, node in enumerate(sub.nodes):
-            if node.rule is None:
-                continue
-            full = []
-            for v in node.inputs:
-                if isinstance(v, Var):
-                    full.append(checks[c])
-                    c += 1
-                else:
-                    full.append(v.value if isinstance(v, Lit) else None)
-            checks_full.append((m, full))
-        float_out = [j for j, v in enumerate(sub.outvars) if _is_float(v)]
-        out_t = [None] * len(sub.outvars)
-        if otans is not None:
-            for j, t in zip(float_out, otans):
-                out_t[j] = t
-        return list(outs), out_t, checks_full, float(mag)
+            def tan(t, v, on):
+                if not on or k == 0:
+                    return None
+                return jnp.zeros((k, *v.shape), dtype=jnp.float64) if t is None else t
 
-    def _build(self, sub: SubGraph, k, stop_identity, mask):
+            bct = [tan(t, v, mask[j]) for j, (t, v) in enumerate(zip(bct, body.invars[:nb]))]
+            ct = [tan(t, v, mask[nb + j]) for j, (t, v) in enumerate(zip(carry_t, body.invars[nb:nb + spec.n_carry]))]
+            off = nb + spec.n_carry
+            xs_j = [jnp.asarray(x) for x in xs]
+            xst = []
+            for j, (t, v) in enumerate(zip(xs_t, body.invars[off:])):
+                if not mask[off + j] or k == 0:
+                    xst.append(None)
+                else:
+                    arr = np.zeros((k, C, *v.shape)) if t is None else t
+                    xst.append(jnp.asarray(np.ascontiguousarray(np.moveaxis(arr, 1, 0))))  # (C, k, ...)
+            valid = jnp.asarray(np.arange(C) < n_run)
+            out = fn([_v64(v) for v in cc], [_v64(v) for v in bc], bct, [_v64(v) for v in carry], ct, xs_j, xst,
+                     valid)
+        carry_o, ct_o, host = out
+        host = jax.device_get(host)
+        nk = spec.n_carry
+        return {
+            "carry": list(carry_o), "carry_t": list(ct_o) if ct_o is not None else [None] * nk,
+            "n_body": int(np.sum(host["go"])), "stopped": bool(host["stopped"]),
+            "ys": host["ys"], "ys_t": host["ys_t"],
+            "checks_cond": _unstack_checks(spec.cond, host["cchecks"]) if spec.cond is not None else [],
+            "checks_body": _unstack_checks(body, host["bchecks"]),
+            "cond_valid": host["cvalid"], "body_valid": host["go"], "mag": float(np.max(host["mag"], initial=0.0)),
+        }
+
+    def _runner(self, sub: SubGraph, stop_identity):
         from ._forward import STOP
 
         be = _backend()
         consts = {cid: _v64(c) for cid, c in self.consts.items()}
-        float_out = [j for j, v in enumerate(sub.outvars) if _is_float(v)]
-        fidx = [j for j, m in enumerate(mask) if m]
 
         def run(args):
             env = dict(consts)
@@ -352,23 +368,83 @@ class FastBody:
             outs = [env[v.id] if isinstance(v, Var) else _v64(v.value) for v in sub.outvars]
             return outs, checks, jnp.max(jnp.stack(mags))
 
-        def step(args, tans):
-            outs, checks, mag = run(args)
-            if k == 0 or not fidx or not float_out:
-                return outs, None, checks, mag
+        return run
 
-            def f(*fl):
-                a = list(args)
-                for j, x in zip(fidx, fl):
-                    a[j] = x
-                o = run(a)[0]
-                return tuple(o[j] for j in float_out)
+    def _build(self, spec, C, k, stop_identity, mask):
+        body = spec.body
+        run_body = self._runner(body, stop_identity)
+        run_cond = self._runner(spec.cond, stop_identity) if spec.cond is not None else None
+        nk = spec.n_carry
+        fidx = [j for j, m in enumerate(mask) if m] if k else []
+        float_out = [j for j, v in enumerate(body.outvars) if _is_float(v)]
+        carry_float = [j for j in range(nk) if j in float_out]
+        is_while = spec.kind == "while"
 
-            prim = tuple(args[j] for j in fidx)
-            otans = jax.vmap(lambda *t: jax.jvp(f, prim, t)[1])(*tans)
-            return outs, list(otans), checks, mag
+        def chunk(cc, bc, bct, carry, ct, xs, xst, valid):
+            nb = len(bc)
 
-        return jax.jit(step)
+            def step(state, inp):
+                carry, ct, running = state
+                x, xt, ok = inp
+                if is_while:
+                    pred_out, cchecks, _ = run_cond([*cc, *carry])
+                    pred = jnp.reshape(pred_out[0], ()).astype(bool)
+                    cvalid = running & ok
+                    go = cvalid & pred
+                    running = running & ~(cvalid & ~pred)
+                else:
+                    cchecks, cvalid, go = [], ok, ok
+                args = [*bc, *carry, *x]
+                outs, bchecks, mag = run_body(args)
+                new_carry = [jnp.where(go, o, c) for o, c in zip(outs[:nk], carry)]
+                ys = outs[nk:]
+                ys_t = [None] * len(ys)
+                new_ct = ct
+                if fidx and float_out:
+                    tin = [*bct, *ct, *xt]
+
+                    def f(*fl):
+                        a = list(args)
+                        for j, v in zip(fidx, fl):
+                            a[j] = v
+                        o = run_body(a)[0]
+                        return tuple(o[j] for j in float_out)
+
+                    prim = tuple(args[j] for j in fidx)
+                    otans = jax.vmap(lambda *t: jax.jvp(f, prim, t)[1])(*[tin[j] for j in fidx])
+                    by_out = dict(zip(float_out, otans))
+                    new_ct = [None if c is None else jnp.where(go, by_out[j], c) if j in by_out else c
+                              for j, c in enumerate(ct)]
+                    ys_t = [by_out.get(nk + q) for q in range(len(ys))]
+                mag = jnp.where(go, mag, 0.0)
+                return (new_carry, new_ct, running), {"ys": ys, "ys_t": ys_t, "cchecks": cchecks,
+                                                      "bchecks": bchecks, "cvalid": cvalid, "go": go, "mag": mag}
+
+            init = (list(carry), list(ct), jnp.asarray(True))
+            (carry_o, ct_o, running), per = lax.scan(step, init, (list(xs), list(xst), valid), length=C)
+            per["ys_t"] = [None if t is None else jnp.moveaxis(t, 0, 1) for t in per["ys_t"]]  # (k, C, ...)
+            per["stopped"] = ~running
+            return carry_o, ct_o if fidx else None, per
+
+        del carry_float
+        return jax.jit(chunk)
+
+
+def _unstack_checks(sub: SubGraph, flat: list) -> list:
+    """Per nonsmooth node of ``sub``: (node index, [stacked (C, ...) input or the literal])."""
+    out, c = [], 0
+    for m, node in enumerate(sub.nodes):
+        if node.rule is None:
+            continue
+        full = []
+        for v in node.inputs:
+            if isinstance(v, Var):
+                full.append(np.asarray(flat[c]))
+                c += 1
+            else:
+                full.append(v.value if isinstance(v, Lit) else None)
+        out.append((m, full))
+    return out
 
 
 def _is_float(v) -> bool:

@@ -328,6 +328,7 @@ class _Cursor(NamedTuple):
     carry_t: tuple  # tangents (None: zero)
     ys: Any  # scan outputs so far: a linked list (j, values, tangents, rest) or None
     xs: Any  # scan: per xs input (NumPy values, NumPy tangents (k, n, ...) or None)
+    slow: int = -1  # an iteration the compiled chunk found a site in: walked node by node
 
 
 def _skip(interp, node) -> bool:
@@ -373,13 +374,17 @@ def _start(interp, node, st) -> _Cursor:
     return _Cursor("cond", 0, 0, tuple(vals[a:]), tuple(tans[a:]), None, ())
 
 
+def _xs_index(spec, t: int) -> int:
+    return spec.length - 1 - t if spec.reverse else t
+
+
 def _bind(interp, node, cur: _Cursor, st) -> None:
     """Bind the phase's sub-graph inputs for iteration ``cur.t``."""
     spec = node.spec
     vals, tans = _inputs(node, st)
     be = interp.be
     if spec.kind == "scan":
-        j = spec.length - 1 - cur.t if spec.reverse else cur.t
+        j = _xs_index(spec, cur.t)
         xv = [be.asarray(np.asarray(x[j])) for x, _ in cur.xs]
         xt = [None if t is None else be.asarray(np.ascontiguousarray(t[:, j])) for _, t in cur.xs]
         srcv = list(vals[:spec.n_consts]) + list(cur.carry) + xv
@@ -408,11 +413,10 @@ def _read(sub: SubGraph, st):
     return vals, tans
 
 
-def _where(node, cur, m_node) -> str:
+def _where(node, cur) -> str:
     spec = node.spec
     if spec.kind == "scan":
-        j = spec.length - 1 - cur.t if spec.reverse else cur.t
-        it = f"iteration {cur.t}" + (f" (xs index {j})" if spec.reverse else "")
+        it = f"iteration {cur.t}" + (f" (xs index {_xs_index(spec, cur.t)})" if spec.reverse else "")
     else:
         it = f"iteration {cur.t}" + (", loop predicate" if cur.phase == "cond" else "")
     return f"{it} of {spec.label or node.describe()}"
@@ -424,6 +428,8 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
     cur = st.vals.get(key)
     if cur is None:
         cur = _start(interp, node, st)
+    first = "body" if spec.kind == "scan" else "cond"
+    fast = spec.fast is not None and not any(s.has_loops() for s in all_subgraphs(node)[:2])
     while True:
         if spec.kind == "scan" and cur.t >= spec.length:
             break
@@ -432,12 +438,16 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
 
             raise TooLarge(f"{spec.label or 'a while_loop'} runs more than {MAX_ITERATIONS} iterations at this point; "
                            "the engine follows at most that many")
+        if fast and cur.m == 0 and cur.phase == first and cur.slow != cur.t:
+            cur, done = _chunk(interp, node, cur, st)
+            if done:
+                break
+            if cur.slow != cur.t:
+                continue
         sub = spec.cond if cur.phase == "cond" else spec.body
         m = cur.m
         if m == 0:
             _bind(interp, node, cur, st)
-            if spec.fast is not None and _fast_iteration(interp, spec, sub, st):
-                m = len(sub.nodes)
         while m < len(sub.nodes):
             bn = sub.nodes[m]
             here = path + (cur.t, cur.phase, m)
@@ -448,7 +458,7 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
                     return fr
                 m += 1
                 continue
-            fr = _node_step(interp, bn, st, here, resume, lambda: _where(node, cur, m))
+            fr = _node_step(interp, bn, st, here, resume, lambda: _where(node, cur))
             if fr is not None:
                 st.vals[key] = cur._replace(m=m + 1)
                 return fr
@@ -463,52 +473,62 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
         nk = spec.n_carry
         ys = cur.ys
         if spec.kind == "scan" and len(vals) > nk:
-            j = spec.length - 1 - cur.t if spec.reverse else cur.t
-            ys = (j, vals[nk:], tans[nk:], ys)
-        cur = cur._replace(phase="cond" if spec.kind == "while" else "body", t=cur.t + 1, m=0,
-                           carry=vals[:nk], carry_t=tans[:nk], ys=ys)
+            ys = (_xs_index(spec, cur.t), vals[nk:], tans[nk:], ys)
+        cur = cur._replace(phase=first, t=cur.t + 1, m=0, carry=vals[:nk], carry_t=tans[:nk], ys=ys)
     st.vals.pop(key, None)
     outs, otans = list(cur.carry), list(cur.carry_t)
     if spec.kind == "scan":
         ys_v, ys_t = _stack(interp, node, cur.ys)
         outs += ys_v
         otans += ys_t
-    n_iter = cur.t
     prev = getattr(interp, "_loop_rounding", (0.0, 0))
     nfloat = sum(1 for s in all_subgraphs(node) for n in s.nodes for o in n.outputs if o.is_float)
-    interp._loop_rounding = (prev[0], max(prev[1], n_iter * nfloat))
+    interp._loop_rounding = (prev[0], max(prev[1], cur.t * nfloat))
     _note_magnitudes(interp, outs)
     interp._store(st, node, outs, otans)
     return None
 
 
 def _stack(interp, node, ys):
-    """The scan's stacked outputs (values, tangents) in xs order."""
+    """The scan's stacked outputs (values, tangents) in xs order.  ``ys`` links single
+    iterations ``(j, values, tangents, rest)`` and compiled blocks ``("block", js, values
+    (c, ...), tangents (k, c, ...), rest)``."""
     spec = node.spec
     be = interp.be
     k = interp._k
-    items = []
-    while ys is not None:
-        j, v, t, ys = ys
-        items.append((j, v, t))
-    items.sort(key=lambda it: it[0])
     n_y = len(node.outputs) - spec.n_carry
+    idx, vparts, tparts = [], [[] for _ in range(n_y)], [[] for _ in range(n_y)]
+    while ys is not None:
+        if ys[0] == "block":
+            _, js, bv, bt, ys = ys
+            idx.extend(js)
+            for q in range(n_y):
+                vparts[q].append(np.asarray(bv[q]))
+                tparts[q].append(None if bt[q] is None else np.moveaxis(np.asarray(bt[q], dtype=np.float64), 1, 0))
+            continue
+        j, v, t, ys = ys
+        idx.append(j)
+        for q in range(n_y):
+            vparts[q].append(np.asarray(be.asnumpy(v[q]))[None])
+            tparts[q].append(None if t[q] is None else
+                             np.asarray(be.asnumpy(t[q]), dtype=np.float64).reshape((1, k, *node.outputs[spec.n_carry + q].shape[1:])))
+    order = np.argsort(np.asarray(idx, dtype=np.int64), kind="stable")
     vals, tans = [], []
     for q in range(n_y):
         ov = node.outputs[spec.n_carry + q]
-        if not items:
-            vals.append(be.asarray(np.zeros(ov.shape, dtype=np.dtype(ov.dtype) if not ov.is_float else np.float64)))
+        dt = np.float64 if ov.is_float else np.dtype(ov.dtype)
+        if not idx:
+            vals.append(be.asarray(np.zeros(ov.shape, dtype=dt)))
             tans.append(None)
             continue
-        arr = np.stack([np.asarray(be.asnumpy(it[1][q])) for it in items])
-        vals.append(be.asarray(arr.astype(np.float64) if ov.is_float else arr.astype(np.dtype(ov.dtype))))
-        if not ov.is_float or k == 0 or all(it[2][q] is None for it in items):
+        arr = np.concatenate(vparts[q])[order]
+        vals.append(be.asarray(arr.astype(dt)))
+        if not ov.is_float or k == 0 or all(t is None for t in tparts[q]):
             tans.append(None)
             continue
-        shape = tuple(ov.shape[1:])
-        parts = [np.zeros((k, *shape)) if it[2][q] is None
-                 else np.asarray(be.asnumpy(it[2][q]), dtype=np.float64).reshape((k, *shape)) for it in items]
-        tans.append(be.asarray(np.stack(parts, axis=1)))
+        full = np.concatenate([np.zeros((len(v), k, *ov.shape[1:])) if t is None else t
+                               for v, t in zip(vparts[q], tparts[q])])[order]  # (n, k, ...)
+        tans.append(be.asarray(np.ascontiguousarray(np.moveaxis(full, 0, 1))))
     return vals, tans
 
 
@@ -541,7 +561,7 @@ def _node_step(interp, node, st, path, resume, where):
         outs = be.eval(node, in_vals)
         otans = be.jvp(node, in_vals, in_tans)
         interp._store(st, node, outs, otans)
-        _note_magnitudes(interp, outs)
+        _note_magnitudes(interp, [o for o, v in zip(outs, node.outputs) if v.is_float])
         return None
     probe, ctx = interp._sites(-1, node, in_vals, in_tans)
     if not probe:
@@ -571,34 +591,157 @@ def _node_step(interp, node, st, path, resume, where):
     return F._SiteFrame(vid, node, ctx, sites, rowfn, in_vals, in_tans, affine, tuple(st.choices), resume=resume)
 
 
-def _fast_iteration(interp, spec, sub, st) -> bool:
-    """Run the whole phase through the adapter's compiled body when no site is active in
-    it (checked on the inputs of its nonsmooth nodes); False: walk it node by node."""
-    if sub.has_loops():
-        return False
-    ins = [st.vals[v.id] for v in sub.invars]
-    tans = [st.tans.get(v.id) for v in sub.invars]
-    res = spec.fast.step(sub, ins, tans, interp._k, interp.stop_identity)
-    if res is None:
-        return False
-    out_v, out_t, checks, mag = res
-    for m, node_ins in checks:
-        node = sub.nodes[m]
-        if _skip(interp, node):
-            continue
-        sites, _ = interp._sites(-1, node, node_ins, [None] * len(node_ins))
-        if sites:
-            return False
-    for v, val, tan in zip(sub.outvars, out_v, out_t):
-        if isinstance(v, Var):
-            st.vals[v.id] = val
-            if tan is None:
-                st.tans.pop(v.id, None)
-            else:
-                st.tans[v.id] = tan
+# --------------------------------------------------------------------------- compiled chunks of iterations
+
+CHUNK = 256  # iterations per compiled call (a while loop's chunk is CHUNK // 4)
+
+
+def _zeros_t(k, shape):
+    return np.zeros((k, *shape))
+
+
+def _chunk(interp, node, cur: _Cursor, st):
+    """Run whole iterations from ``cur`` through the adapter's compiled chunk until the end
+    of the loop or an iteration with an active site (which the walk then takes node by
+    node).  Returns (cursor, loop finished?)."""
+    spec = node.spec
+    be = interp.be
+    k = interp._k
+    vals, tans = _inputs(node, st)
+    live = interp.live
+    body = spec.body
+    if spec.kind == "scan":
+        nc = spec.n_consts
+        cvals, ctans = vals[:nc], tans[:nc]
+        C = max(1, min(CHUNK, spec.length))
+        remaining = spec.length - cur.t
+        n_run = min(C, remaining)
+        js = [_xs_index(spec, cur.t + r) for r in range(C)]
+        js_clip = [min(max(j, 0), spec.length - 1) for j in js]
+        xs = [x[js_clip] for x, _ in cur.xs]
+        xs_t = [None if t is None else t[:, js_clip] for _, t in cur.xs]
+    else:
+        ncc = spec.n_cond_consts
+        cvals, ctans = vals[:ncc + spec.n_consts], tans[:ncc + spec.n_consts]
+        C = max(1, CHUNK // 4)
+        n_run = C
+        xs, xs_t, js = [], [], []
+    mask = tuple(bool(v.is_float and v.id in live) for v in body.invars)
+    first = None
+    for attempt in range(2):
+        res = spec.fast.chunk(spec, C, n_run, cvals, ctans, cur.carry, cur.carry_t, xs, xs_t, k,
+                              interp.stop_identity, mask)
+        if res is None:
+            return cur._replace(slow=cur.t), False
+        if attempt == 1:
+            break
+        first = _first_site(interp, spec, res, n_run)
+        if first is None:
+            break
+        if first == 0:
+            return cur._replace(slow=cur.t), False
+        n_run = first  # run the iterations before the site again, and stop there
+    done_iters = res["n_body"]
     prev = getattr(interp, "_loop_rounding", (0.0, 0))
-    interp._loop_rounding = (max(prev[0], mag), prev[1])
-    return True
+    interp._loop_rounding = (max(prev[0], res["mag"]), prev[1])
+    ys = cur.ys
+    if spec.kind == "scan" and len(node.outputs) > spec.n_carry and done_iters:
+        bv = [np.asarray(v)[:done_iters] for v in res["ys"]]
+        bt = [None if t is None else np.asarray(t)[:, :done_iters] for t in res["ys_t"]]
+        ys = ("block", js[:done_iters], bv, bt, ys)
+    carry_t = tuple(t if m_ else None for t, m_ in zip(res["carry_t"], _carry_mask(spec, mask)))
+    cur = cur._replace(t=cur.t + done_iters, m=0, carry=tuple(res["carry"]), carry_t=carry_t, ys=ys)
+    if first is not None:
+        return cur._replace(slow=cur.t), False
+    if spec.kind == "while":
+        return cur, bool(res["stopped"])
+    return cur, cur.t >= spec.length
+
+
+def _carry_mask(spec, mask):
+    off = spec.n_consts
+    return mask[off:off + spec.n_carry]
+
+
+def _first_site(interp, spec, res, n_run):
+    """The first iteration (relative to the chunk) where a nonsmooth node of the body or of
+    the predicate has an active site, or None.  A vectorised filter finds candidates, and
+    ``Interpreter._sites`` confirms each (so the test is the walk's own)."""
+    cands = []
+    for phase, sub in (("cond", spec.cond), ("body", spec.body)):
+        if sub is None:
+            continue
+        valid = np.asarray(res["cond_valid" if phase == "cond" else "body_valid"], dtype=bool)[:n_run]
+        for m, stacked in res["checks_" + phase]:
+            node = sub.nodes[m]
+            if _skip(interp, node):
+                continue
+            flags = _candidates(interp, node, stacked, len(valid)) & valid
+            for r in np.nonzero(flags)[0]:
+                cands.append((int(r), 0 if phase == "cond" else 1, m, node, stacked))
+    be = interp.be
+    for r, _, m, node, stacked in sorted(cands, key=lambda c: (c[0], c[1], c[2])):
+        ins = [be.asarray(np.asarray(a[r])) if isinstance(a, np.ndarray) and not isinstance(v, Lit) else a
+               for a, v in zip(stacked, node.inputs)]
+        sites, _ = interp._sites(-1, node, ins, [None] * len(ins))
+        if sites:
+            return r
+    return None
+
+
+def _read_flushed(interp, a):
+    a = np.asarray(a, dtype=np.float64)
+    if interp.flush:
+        a = np.where(np.abs(a) < np.finfo(np.float64).tiny, np.copysign(0.0, a), a)
+    return a
+
+
+def _candidates(interp, node, stacked, C) -> np.ndarray:
+    """Iterations (bool, (C,)) where ``node`` may sit at a kink: a superset of where
+    ``Interpreter._sites`` finds a site."""
+    from . import _rule_impls as R
+
+    rule = RULES[node.rule]
+    impl = rule.impl
+    tol = interp.tol
+    everywhere = np.ones(C, dtype=bool)
+    try:
+        if impl in ("unary", "jump", "nonlipschitz"):
+            x = _read_flushed(interp, stacked[0]).reshape(C, -1)
+            flags = np.zeros(C, dtype=bool)
+            for s in R.unary_sites(-1, node, rule, x.reshape(-1), tol):
+                flags[s.key[1] // max(1, x.shape[1])] = True
+            return flags
+        if impl in ("pick", "compare"):
+            if len(node.inputs) < 2:
+                return everywhere
+            out = tuple(node.outputs[0].shape)
+            parts = []
+            for a, v in zip(stacked[:2], node.inputs[:2]):
+                if isinstance(v, Var):
+                    a = _read_flushed(interp, a)
+                    a = a.reshape((C,) + (1,) * (len(out) - (a.ndim - 1)) + a.shape[1:])
+                else:
+                    a = _read_flushed(interp, a)
+                    a = a.reshape((1,) + (1,) * (len(out) - a.ndim) + a.shape)
+                parts.append(np.broadcast_to(a, (C, *out)).reshape(C, -1))
+            A, B = parts
+            return np.any((np.abs(A - B) <= tol) & np.isfinite(A), axis=1)
+        if impl in ("select", "norm"):
+            x = _read_flushed(interp, stacked[0]).reshape(C, -1)
+            if impl == "norm":
+                x = np.abs(x)
+                near0 = np.any(x <= tol, axis=1)
+            else:
+                near0 = np.zeros(C, dtype=bool)
+            srt = np.sort(x, axis=1)
+            d = np.diff(srt, axis=1)
+            ties = np.any((d <= tol) & np.isfinite(srt[:, 1:]) & np.isfinite(srt[:, :-1]), axis=1) if d.size else \
+                np.zeros(C, dtype=bool)
+            return ties | near0
+    except (ValueError, IndexError):
+        return everywhere
+    return everywhere
 
 
 # --------------------------------------------------------------------------- continuity
