@@ -48,6 +48,7 @@ from ._rules import RULES
 LOOP = "loop"
 VIRTUAL_BASE = 1 << 40
 MAX_ITERATIONS = 200_000  # per loop node and run: beyond it the audit is UNDECIDED (TooLarge)
+MAX_TIE_CHAIN = 64  # consecutive iterations whose predicate sits at its threshold, along one branch
 
 
 @dataclasses.dataclass
@@ -329,6 +330,9 @@ class _Cursor(NamedTuple):
     ys: Any  # scan outputs so far: a linked list (j, values, tangents, rest) or None
     xs: Any  # scan: per xs input (NumPy values, NumPy tangents (k, n, ...) or None)
     slow: int = -1  # an iteration the compiled chunk found a site in: walked node by node
+    cond_site: bool = False  # this iteration's predicate had an active site (a tie)
+    ties: int = 0  # consecutive iterations continued at a tie of the predicate
+    fp: Any = None  # the carry (values, tangents) when the last such iteration continued
 
 
 def _skip(interp, node) -> bool:
@@ -460,15 +464,31 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
                 continue
             fr = _node_step(interp, bn, st, here, resume, lambda: _where(node, cur))
             if fr is not None:
-                st.vals[key] = cur._replace(m=m + 1)
+                st.vals[key] = cur._replace(m=m + 1, cond_site=cur.cond_site or cur.phase == "cond")
                 return fr
             m += 1
         vals, tans = _read(sub, st)
         if cur.phase == "cond":
             go = bool(np.asarray(interp.be.asnumpy(vals[0])).reshape(-1)[0])
+            if go and cur.cond_site:
+                # continuing at a tie of the predicate.  If the last such iteration left
+                # the carry exactly as it was (values and tangents), the loop sits at a
+                # fixed point that would repeat forever: there the predicate is false
+                # (f(x) itself returned), and stopping changes neither value nor tangent.
+                fp = _fingerprint(interp, cur.carry, cur.carry_t)
+                if fp == cur.fp:
+                    break
+                if cur.ties >= MAX_TIE_CHAIN:
+                    from ._problem import TooLarge
+
+                    raise TooLarge(f"the predicate of {spec.label} sits at its threshold in more than {MAX_TIE_CHAIN} "
+                                   "consecutive iterations along one branch: the engine cannot follow the count")
+                cur = cur._replace(ties=cur.ties + 1, fp=fp)
+            elif go:
+                cur = cur._replace(ties=0, fp=None)
             if not go:
                 break
-            cur = cur._replace(phase="body", m=0)
+            cur = cur._replace(phase="body", m=0, cond_site=False)
             continue
         nk = spec.n_carry
         ys = cur.ys
@@ -487,6 +507,12 @@ def _run(interp, node: LoopNode, st, path: tuple, resume: int):
     _note_magnitudes(interp, outs)
     interp._store(st, node, outs, otans)
     return None
+
+
+def _fingerprint(interp, vals, tans) -> tuple:
+    be = interp.be
+    return tuple((np.asarray(be.asnumpy(v)).tobytes(), None if t is None else np.asarray(be.asnumpy(t)).tobytes())
+                 for v, t in zip(vals, tans))
 
 
 def _stack(interp, node, ys):
@@ -651,6 +677,8 @@ def _chunk(interp, node, cur: _Cursor, st):
         ys = ("block", js[:done_iters], bv, bt, ys)
     carry_t = tuple(t if m_ else None for t, m_ in zip(res["carry_t"], _carry_mask(spec, mask)))
     cur = cur._replace(t=cur.t + done_iters, m=0, carry=tuple(res["carry"]), carry_t=carry_t, ys=ys)
+    if done_iters:
+        cur = cur._replace(ties=0, fp=None)
     if first is not None:
         return cur._replace(slow=cur.t), False
     if spec.kind == "while":
