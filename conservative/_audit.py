@@ -37,6 +37,10 @@ def _stop_gradient_changes_derivative(P) -> str:
 
     stops = [n for n in P.graph.nodes if n.prim in STOP and any(
         hasattr(v, "id") and v.id in P.interp.live for v in n.inputs)]
+    if not stops and getattr(P.graph.nodes, "virtual", None) is not None:  # inside loop bodies (_loops)
+        from ._loops import has_live_stop
+
+        stops = [True] if has_live_stop(P) else []
     if not stops:
         return ""
     try:
@@ -91,8 +95,22 @@ def audit(f: Callable, x, *, kink_tol: float = 0.0, exact_budget: int = 16, n_di
 
 def _audit(f, x, *, kink_tol, exact_budget, n_directions, seed, graph):
     P = Problem(f, x, kink_tol=kink_tol, graph=graph)
-    rng = np.random.default_rng(seed)
     got, ad_err = ad_jacobian(P, getattr(P, "n_out", None))
+    if got is not None or P.graph is None or getattr(P.graph.nodes, "virtual", None) is None:
+        return _decide(P, f, x, got, ad_err, kink_tol=kink_tol, exact_budget=exact_budget,
+                       n_directions=n_directions, seed=seed)
+    # control flow the framework's reverse mode refuses (jax's while_loop): audit what its
+    # forward mode returns instead, and say so (_loops)
+    from ._loops import reverse_mode_fallback, with_ad_mode
+
+    got, mode, note = reverse_mode_fallback(P, ad_err)
+    res = _decide(P, f, x, got, ad_err, kink_tol=kink_tol, exact_budget=exact_budget, n_directions=n_directions,
+                  seed=seed)
+    return with_ad_mode(res, mode, note)
+
+
+def _decide(P, f, x, got, ad_err, *, kink_tol, exact_budget, n_directions, seed):
+    rng = np.random.default_rng(seed)
     ad = got[0] if got is not None else None
     if P.graph is None:
         return undecided(P, f"f could not be traced, so its primitives are unknown: {P.trace_error}", ad)

@@ -40,6 +40,11 @@ def rounding_budget(P) -> float:
         a = np.abs(np.asarray(P.be.asnumpy(t), dtype=np.float64))
         if a.size:
             M = max(M, float(np.max(a)))
+    if getattr(P.graph.nodes, "virtual", None) is not None:  # loop nodes: every iteration rounds (_loops)
+        from ._loops import rounding_terms
+
+        m_loop, d_loop = rounding_terms(P)
+        M, D = max(M, m_loop), D + d_loop
     return float(np.spacing(max(M, np.finfo(np.float64).tiny))) * (1 + D)
 
 

@@ -167,6 +167,11 @@ def _affine_vars(graph: Graph, backend) -> tuple[set, set]:
     affine = set(live) | set(graph.consts)
     for node in graph.nodes:
         ins = [v for v in node.inputs if isinstance(v, Var)]
+        if getattr(node, "spec", None) is not None:  # a loop node (_loops): its body decides
+            from . import _loops
+
+            _loops.propagate(node, live, affine, backend)
+            continue
         is_live = any(v.id in live for v in ins)
         if is_live:
             for o in node.outputs:
@@ -221,6 +226,7 @@ class _SiteFrame:
     in_tans: list
     affine: bool
     chosen_before: tuple
+    resume: int | None = None  # a site inside a loop node (_loops): the walk resumes at that node
 
 
 class Interpreter:
@@ -354,7 +360,7 @@ class Interpreter:
                 st2 = st.copy()
                 st2.choices = st.choices + chosen
                 self._store(st2, fr.node, outs, otans)
-                stack.append(("node", fr.i + 1, st2))
+                stack.append(("node", fr.i + 1 if fr.resume is None else fr.resume, st2))
                 continue
             if len(self._leaves) >= self._max_leaves:
                 raise BudgetExceeded(f"more than {self._max_leaves} pieces")
@@ -375,6 +381,14 @@ class Interpreter:
                 outs = self.be.eval(node, in_vals)
                 passed = [in_tans[0]] if self.stop_identity and in_tans else [None] * len(outs)
                 self._store(st, node, outs, passed)
+                i += 1
+                continue
+            if getattr(node, "spec", None) is not None:  # a loop node: _loops runs its iterations
+                from . import _loops
+
+                frame = _loops.advance(self, i, node, st)
+                if frame is not None:
+                    return frame
                 i += 1
                 continue
             const = not any(isinstance(v, Var) and v.id in self.live for v in node.inputs)

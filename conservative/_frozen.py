@@ -72,6 +72,8 @@ class FrozenProgram:
         g, be = P.graph, P.be
         vals0 = base_values(P)
         self.sites = sites
+        if any(s.node >= len(g.nodes) for s in sites):  # a virtual id: a kink inside a loop node (_loops)
+            raise NotFrozen("a kink inside a loop node is not frozen by the second-order analysis")
         self.by_node: dict = {}
         for s in sites:
             self.by_node.setdefault(s.node, []).append(s)

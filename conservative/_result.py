@@ -133,6 +133,7 @@ class Audit:
     notes: tuple = ()
     convention_jacobians: np.ndarray | None = None
     exact_basis: str = ""
+    ad_mode: str = "reverse"  # "forward" where reverse mode cannot run (jax's while_loop); see notes
 
     def explain(self) -> str:
         v = self.verdict
@@ -152,6 +153,9 @@ class Audit:
                          "whatever AD returned is not a generalized derivative.")
         else:
             parts.append("The audit could not decide.")
+        if self.ad_mode != "reverse":
+            parts.append(f"The framework's reverse mode cannot differentiate f here, so 'AD' above is its "
+                         f"{self.ad_mode} mode (see the notes).")
         reason = " ".join(self.reason.split())
         if reason:
             parts.append(reason if reason.endswith(".") else reason + ".")
@@ -189,6 +193,7 @@ class Audit:
             "b_subdifferential": arr(self.b_subdifferential),
             "exact": self.exact,
             "exact_basis": self.exact_basis,
+            "ad_mode": self.ad_mode,
             "bifurcation": self.bifurcation,
             "active_kinks": [k.to_json() for k in self.active_kinks],
             "min_norm": arr(self.min_norm),

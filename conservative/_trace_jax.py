@@ -23,7 +23,8 @@ FRAMEWORK = "jax"
 
 _INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
            "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "name_scope"}
-_CONTROL = {"cond", "while", "scan", "fori_loop", "switch", "custom_linear_solve", "custom_transpose"}
+_CONTROL = {"custom_linear_solve", "custom_transpose"}
+_CONTROL_LOWERED = {"cond", "scan", "while"}  # switch and fori_loop lower to these
 
 _SMOOTH = {
     "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p", "expm1", "sin",
@@ -72,8 +73,9 @@ class _Tracer:
         return Var(self.counter, shape, _dtype_name(aval))
 
     def atom(self, a, env):
-        if type(a).__name__ == "Literal":
-            return Lit(np.asarray(a.val))
+        if type(a).__name__ == "Literal":  # keep the literal's own dtype (int32 counters stay int32 under x64)
+            dt = getattr(getattr(a, "aval", None), "dtype", None)
+            return Lit(np.asarray(a.val, dtype=dt) if dt is not None else np.asarray(a.val))
         return env[a]
 
     def walk(self, jaxpr, consts, args, depth=0):
@@ -98,7 +100,12 @@ class _Tracer:
                 for o, v in zip(eqn.outvars, outs):
                     env[o] = v
                 continue
-            outs = self.add(eqn, name, ins)
+            if name in _CONTROL_LOWERED:  # branches inlined, loops unrolled or loop nodes: _jax_control
+                from . import _jax_control
+
+                outs = _jax_control.lower(self, eqn, ins, depth)
+            else:
+                outs = self.add(eqn, name, ins)
             for o, v in zip(eqn.outvars, outs):
                 env[o] = v
         return [self.atom(a, env) for a in jaxpr.outvars]
@@ -165,7 +172,7 @@ class _Tracer:
                 return node.outputs
         if name in _CONTROL:
             self.graph.unsupported.append(
-                f"{name} (control flow: the engine does not look inside it; write branches with jnp.where)")
+                f"{name} (the engine does not look inside it)")
         elif name not in _SMOOTH and (float_in or any(np.issubdtype(np.dtype(a.dtype), np.floating) for a in avals if hasattr(a, "dtype"))):
             self.graph.unsupported.append(name)
         node = self._node(name, eqn.primitive, ins, avals, {}, eqn_params=p)
