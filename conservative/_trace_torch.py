@@ -95,6 +95,13 @@ class TraceError(Exception):
 
 def trace(f: Callable, xs: tuple) -> Graph:
     """Trace ``f(*xs)`` to a :class:`Graph` of aten ops (functionalized, no in-place ops)."""
+    from ._layers import tracing  # the package's own layers: one node each (_layers.py)
+
+    with tracing(FRAMEWORK):
+        return _trace(f, xs)
+
+
+def _trace(f: Callable, xs: tuple) -> Graph:
     try:
         gm = make_fx(torch.func.functionalize(_positional(f, len(xs)), remove="mutations_and_views"))(*xs)
     except Exception as e:  # the message names the failing op or the control flow
@@ -117,6 +124,11 @@ def trace(f: Callable, xs: tuple) -> Graph:
         elif n.op == "call_function":
             if n.target is operator.getitem:
                 env[n] = env[n.args[0]][n.args[1]]
+                continue
+            if str(n.target) in ("nonsmooth_engine.layer.default", "nonsmooth.soft_sort_rank.default"):
+                from ._layers_torch import add_node  # a layer of the package (_layers.py)
+
+                add_node(graph, n, env, next_id)
                 continue
             if str(n.target) == "aten.clamp.Tensor":
                 _add_clamp_tensor(graph, n, env, next_id)
