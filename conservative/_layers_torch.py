@@ -22,6 +22,8 @@ from ._ir import Node
 
 OP = "nonsmooth_engine.layer.default"
 SOFT_SORT_OP = "nonsmooth.soft_sort_rank.default"
+SOLVE_OP = "nonsmooth.solve.default"
+OPS = (OP, SOFT_SORT_OP, SOLVE_OP)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -114,6 +116,11 @@ def _eval_soft_sort(x, *args):
     return torch.ops.nonsmooth.soft_sort_rank(x, *args)
 
 
+def _eval_solve(x, *args):
+    _refuse_transforms([x])
+    return torch.ops.nonsmooth.solve(x, *args)
+
+
 def bind(spec, handle: int, inputs: list) -> list:
     return list(torch.ops.nonsmooth_engine.layer(list(inputs), handle))
 
@@ -130,6 +137,14 @@ def add_node(graph, n, env, next_id) -> None:
     if target == OP:
         spec = L.lookup(n.args[1])
         ins = [env[a] for a in n.args[0]]
+    elif target == SOLVE_OP:  # nonsmooth::solve(x, spec_id): a solver behind an operator (SPO+, compile)
+        from nonsmooth.solvers import _torch_ops
+
+        from ._layer_combinatorial import SolverSpec
+
+        spec = SolverSpec(_torch_ops.lookup(n.args[1]).solver)
+        spec.framework = "torch"
+        ins = [env[n.args[0]]]
     else:  # nonsmooth::soft_sort_rank(x, strength, regularization, rank, descending)
         from ._layer_sort import SoftSortSpec
 
@@ -140,10 +155,12 @@ def add_node(graph, n, env, next_id) -> None:
     flat, tspec = pytree.tree_flatten((n.args, n.kwargs))
     slots = [i for i, a in enumerate(flat) if isinstance(a, torch.fx.Node)]
     metas = n.meta["val"]
-    outs = tuple(_var_for(m, next_id) for m in metas)
-    env[n] = outs
+    single = not isinstance(metas, (tuple, list))
+    outs = tuple(_var_for(m, next_id) for m in ([metas] if single else metas))
+    env[n] = outs[0] if single else outs
     node = Node(prim=f"layer:{spec.name}", inputs=tuple(ins), outputs=outs, params={"layer": spec},
-                payload=(_eval_layer if target == OP else _eval_soft_sort, flat, tspec, slots), rule=spec.rule,
+                payload=({OP: _eval_layer, SOLVE_OP: _eval_solve}.get(target, _eval_soft_sort), flat, tspec, slots),
+                rule=spec.rule,
                 location=f"{n.name} = {spec.describe()}", origin=spec.name)
     graph.nodes.append(node)
     if spec.unsupported:

@@ -125,7 +125,8 @@ def _trace(f: Callable, xs: tuple) -> Graph:
             if n.target is operator.getitem:
                 env[n] = env[n.args[0]][n.args[1]]
                 continue
-            if str(n.target) in ("nonsmooth_engine.layer.default", "nonsmooth.soft_sort_rank.default"):
+            if str(n.target) in ("nonsmooth_engine.layer.default", "nonsmooth.soft_sort_rank.default",
+                                 "nonsmooth.solve.default"):
                 from ._layers_torch import add_node  # a layer of the package (_layers.py)
 
                 add_node(graph, n, env, next_id)
