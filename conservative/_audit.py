@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import _forward as F
+from . import _layers as L
 from ._certificate import reproduces
 from ._elements import analyse
 from ._lp import hull_residual
@@ -99,6 +100,7 @@ def _audit(f, x, *, kink_tol, exact_budget, n_directions, seed, graph):
         return undecided(P, f"the framework's reverse mode failed on f: {ad_err}")
     ad, y_user = got
     ad_tol = min(max(100 * P.eps, 1e-9), 0.05)  # AD runs in the user's dtype
+    ad_tol = max(ad_tol, L.tolerance(P.graph))  # iterative layers: AD is as accurate as their solves
 
     def ad_in(b_elems):
         if not b_elems or not np.all(np.isfinite(ad)):

@@ -582,10 +582,29 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
         return y, y.detach()
 
     xs_d = tuple(x.detach() for x in xs)
-    jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
+    try:
+        jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        # layers that refuse torch.func.vmap (implicit layers stop each sample on its own
+        # residual): the same reverse mode, one output element at a time
+        return _ad_jacobian_rows(flat_f, xs_d)
     n = y.numel()
     cols = [j.reshape(n, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
     return np.concatenate(cols, axis=1), y.to(torch.float64).cpu().numpy()
+
+
+def _ad_jacobian_rows(flat_f, xs_d):
+    xs_g = tuple(x.clone().requires_grad_(True) for x in xs_d)
+    y, _ = flat_f(*xs_g)
+    rows = []
+    for i in range(y.numel()):
+        gs = torch.autograd.grad(y[i], xs_g, retain_graph=True, allow_unused=True)
+        rows.append(np.concatenate([np.zeros(x.numel()) if g is None else g.reshape(-1).detach().to(torch.float64)
+                                    .cpu().numpy() for g, x in zip(gs, xs_g)]))
+    jac = np.stack(rows) if rows else np.zeros((0, sum(x.numel() for x in xs_d)))
+    return jac, y.detach().to(torch.float64).cpu().numpy()
 
 
 def versions() -> dict:

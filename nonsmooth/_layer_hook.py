@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-__all__ = ["active", "engine_tracing", "suspended", "install", "route"]
+__all__ = ["active", "tracing_now", "engine_tracing", "suspended", "install", "route"]
 
 _STATE = threading.local()
 _HANDLER = None
@@ -28,6 +28,11 @@ _HANDLER = None
 def active() -> bool:
     """True while the audit engine traces a program on this thread."""
     return getattr(_STATE, "depth", 0) > 0 and not getattr(_STATE, "suspended", 0)
+
+
+def tracing_now() -> bool:
+    """True while the engine's tracer runs on this thread, even inside :func:`suspended`."""
+    return getattr(_STATE, "depth", 0) > 0
 
 
 @contextlib.contextmanager
