@@ -32,6 +32,7 @@ from ._rule_impls import Option
 
 MAX_ITER = 5000
 SOLVE_TOL = 1e-13  # relative residual of the engine's float64 solve
+KINK_SLACK = 1e-11  # a cell kink this close (relative) to the float64 z* is active
 
 
 def route_implicit(*, f, z0, args, opts, backward, batched, framework):
@@ -236,7 +237,9 @@ class ImplicitSpec(L.LayerSpec):
             parts.append(z[o:o + s])
             o += s
         leaves = [p.reshape(np.shape(x)) for p, x in zip(parts, xs)] + [np.asarray(x, np.float64) for x in xs[self.n_z:]]
-        P = self._problem(leaves, tol)
+        # z* is known to the solve's accuracy only: a kink of the cell within it is active
+        scale = 1.0 + max(float(np.max(np.abs(v))) if np.size(v) else 0.0 for v in leaves)
+        P = self._problem(leaves, max(tol, KINK_SLACK * scale))
         n_z = z.size
         n_a = P.n_in - n_z
         from ._pieces import enumerate_pieces
