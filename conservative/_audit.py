@@ -127,6 +127,8 @@ def _audit(f, x, *, kink_tol, exact_budget, n_directions, seed, graph):
         return undecided(P, A, ad)
     if A is None:
         return undecided(P, f"unsupported primitive(s): {', '.join(sorted(set(P.graph.unsupported)))}", ad)
+    if L.layer_nodes(P.graph) and L.monte_carlo(P.graph):  # perturbed layers: a statistical check (_layers.py)
+        return L.finish(P, L.monte_carlo_audit(P, A, ad, y_user, ad_tol, rng, seed))
     if not reproduces(A.out0, y_user, ad_tol):
         if P.cached:  # the closure changed since the cached trace: trace again
             cache_drop(f)
@@ -142,7 +144,7 @@ def _audit(f, x, *, kink_tol, exact_budget, n_directions, seed, graph):
     stop = _stop_gradient_changes_derivative(P)
     if stop:
         return undecided(P, stop, ad, J0=A.J0)
-    return verdict(P, A, ad, ad_tol, rng, seed)
+    return L.finish(P, verdict(P, A, ad, ad_tol, rng, seed))  # surrogate backward passes are named (_layers.py)
 
 
 def audit_batch(f: Callable, xs, **kwargs) -> list[Audit]:

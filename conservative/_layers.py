@@ -290,3 +290,49 @@ def layer_nodes(graph) -> list:
 def tolerance(graph) -> float:
     """The largest extra relative tolerance the layers of ``graph`` need (iterative solves)."""
     return max([n.params["layer"].tolerance() for n in layer_nodes(graph)] + [0.0])
+
+
+def monte_carlo(graph) -> bool:
+    return any(n.params["layer"].kind == "monte_carlo" for n in layer_nodes(graph))
+
+
+def monte_carlo_audit(P, A, ad, y_user, ad_tol, rng, seed):
+    from ._layer_perturbed import monte_carlo_audit as run
+
+    return run(P, A, ad, y_user, ad_tol, rng, seed)
+
+
+def finish(P, result):
+    """Name a surrogate backward pass: where AD goes through ``identity_backward``,
+    ``blackbox_backward`` (or an implicit layer's ``jfb``/``phantom`` backward), it is by
+    design not a generalized derivative of f, so the verdict is UNDECIDED with that reason
+    and the Clarke Jacobian of f itself stays in the result (NOT_LIPSCHITZ stands: no
+    derivative of f exists there, whatever AD returns)."""
+    import dataclasses as dc
+
+    from ._result import Verdict
+
+    if P.graph is None:
+        return result
+    rel = P.interp.relevant
+    named = []
+    for n in layer_nodes(P.graph):
+        spec = n.params["layer"]
+        text = getattr(spec, "explanation", "") if spec.kind == "surrogate" else getattr(spec, "surrogate", "")
+        if text and any(o.id in rel for o in n.outputs):
+            named.append(f"{spec.name}: {text}")
+    if not named:
+        return result
+    what = ("AD goes through a surrogate backward pass, which by design is not a generalized derivative of f ("
+            + "; ".join(named) + ")")
+    if result.verdict is Verdict.NOT_LIPSCHITZ:
+        return dc.replace(result, notes=tuple(result.notes) + (what + ".",))
+    B = result.b_subdifferential
+    if B is not None and len(B):
+        clarke = (f"the Clarke Jacobian of f itself at x is the hull of the {len(B)} element(s) in "
+                  f"b_subdifferential{' (exact)' if result.exact else ''}")
+        if result.hull_distance is not None:
+            clarke += f"; AD lies at distance {result.hull_distance:.3g} from it"
+    else:
+        clarke = "the Clarke Jacobian of f itself was not determined" + (f" ({result.reason})" if result.reason else "")
+    return dc.replace(result, verdict=Verdict.UNDECIDED, reason=f"{what}: the audit does not judge it; {clarke}.")

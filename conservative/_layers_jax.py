@@ -72,7 +72,8 @@ def _out_dtypes(spec, avals):
 
 def _abstract(*avals, handle):
     spec = L.lookup(handle)
-    return [jax.core.ShapedArray(shape, dt) for shape, dt in _out_dtypes(spec, avals)]
+    with hook.suspended():  # a spec may call its solver for shapes: that call must not route
+        return [jax.core.ShapedArray(shape, dt) for shape, dt in _out_dtypes(spec, avals)]
 
 
 def _host(spec, avals, *arrays):

@@ -51,9 +51,10 @@ def _layer(inputs: List[torch.Tensor], handle: int) -> List[torch.Tensor]:
           for t in inputs]
     with hook.suspended():
         outs = spec.forward(xs)
+        metas = spec.out_meta(_metas(inputs))
     dev = inputs[0].device if inputs else torch.device("cpu")
     res = []
-    for o, (_, dt) in zip(outs, spec.out_meta(_metas(inputs))):
+    for o, (_, dt) in zip(outs, metas):
         res.append(torch.from_numpy(np.array(o, copy=True)).to(device=dev, dtype=_torch_dtype(dt, inputs)))
     return res
 
@@ -62,8 +63,9 @@ def _layer(inputs: List[torch.Tensor], handle: int) -> List[torch.Tensor]:
 def _(inputs, handle):
     spec = L.lookup(handle)
     dev = inputs[0].device if inputs else torch.device("cpu")
-    return [torch.empty(shape, dtype=_torch_dtype(dt, inputs), device=dev)
-            for shape, dt in spec.out_meta(_metas(inputs))]
+    with hook.suspended():  # a spec may call its solver for shapes: that call must not route
+        metas = spec.out_meta(_metas(inputs))
+    return [torch.empty(shape, dtype=_torch_dtype(dt, inputs), device=dev) for shape, dt in metas]
 
 
 def _setup(ctx, inputs, output):

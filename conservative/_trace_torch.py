@@ -585,11 +585,13 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
     try:
         jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
     except RuntimeError as e:
-        if "vmap" not in str(e):
-            raise
-        # layers that refuse torch.func.vmap (implicit layers stop each sample on its own
-        # residual): the same reverse mode, one output element at a time
-        return _ad_jacobian_rows(flat_f, xs_d)
+        # layers that refuse torch.func (implicit layers stop each sample on its own residual
+        # and refuse vmap; the perturbed layers' sampling operator mutates its rng state):
+        # the same reverse mode in eager autograd, one output element at a time
+        try:
+            return _ad_jacobian_rows(flat_f, xs_d)
+        except Exception:
+            raise e from None
     n = y.numel()
     cols = [j.reshape(n, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
     return np.concatenate(cols, axis=1), y.to(torch.float64).cpu().numpy()
