@@ -75,6 +75,7 @@ def _framework_call(solver, theta, framework):
 
 class SolverSpec(L.LayerSpec):
     kind = "piecewise"
+    batchable = True  # acts on trailing axes: a vmapped axis is one more leading axis
 
     def __init__(self, solver, maximize: bool = False):
         C = _solvers()

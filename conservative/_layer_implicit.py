@@ -38,6 +38,9 @@ KINK_SLACK = 1e-11  # a cell kink this close (relative) to the float64 z* is act
 def route_implicit(*, f, z0, args, opts, backward, batched, framework):
     spec = ImplicitSpec(f, z0, tuple(args), opts, backward, batched, framework)
     inputs = spec.leaves(z0, tuple(args))
+    # the trace's values are inputs of the node now: keep no tracer in the spec
+    spec.template = [None if i in spec.arg_slots else a for i, a in enumerate(spec.template)]
+    spec.consts = []
     return spec, inputs, spec.finish
 
 
@@ -77,9 +80,21 @@ class ImplicitSpec(L.LayerSpec):
             zl, self.z_def = jax.tree_util.tree_flatten(z0)
             al, self.a_def = jax.tree_util.tree_flatten(args)
             self.n_z = len(zl)
+            self.n_al = len(al)
+
+            def flat_cell(*leaves):
+                z = jax.tree_util.tree_unflatten(self.z_def, list(leaves[:self.n_z]))
+                a = jax.tree_util.tree_unflatten(self.a_def, list(leaves[self.n_z:]))
+                return tuple(jax.tree_util.tree_leaves(f(z, *a)))
+
+            # arrays the cell closes over (traced values of f's inputs among them) become
+            # explicit inputs of the layer, as jax's own implicit rule does
+            self.f_conv, consts = jax.closure_convert(flat_cell, *zl, *al)
+            self.consts = list(consts)
             self.arg_slots = [i for i, a in enumerate(al) if hasattr(a, "dtype") and np.issubdtype(np.dtype(a.dtype), np.floating)]
             self.template = list(al)
-            self.dtypes = [np.dtype(t.dtype) for t in zl] + [np.dtype(al[i].dtype) for i in self.arg_slots]
+            self.dtypes = ([np.dtype(t.dtype) for t in zl] + [np.dtype(al[i].dtype) for i in self.arg_slots]
+                           + [np.dtype(c.dtype) for c in self.consts])
         self.piecewise_affine = False  # decided from the cell at the first analysis
         self.rule = L.layer_rule("layer:implicit", piecewise_affine=False,
                                  description="an implicit layer: the fixed point of a cell, by the nonsmooth IFT")
@@ -94,7 +109,7 @@ class ImplicitSpec(L.LayerSpec):
 
         zl = jax.tree_util.tree_leaves(z0)
         al = jax.tree_util.tree_leaves(args)
-        return zl + [al[i] for i in self.arg_slots]
+        return zl + [al[i] for i in self.arg_slots] + self.consts
 
     def finish(self, outs):
         if self.framework == "torch":
@@ -123,14 +138,11 @@ class ImplicitSpec(L.LayerSpec):
             z = tuple(zs) if self.z_tuple else zs[0]
             out = self.f(z, *args)
             return tuple(out) if self.z_tuple else (out,)
-        import jax
-
         al = list(self.template)
-        for i, a in zip(self.arg_slots, avals):
+        k = len(self.arg_slots)
+        for i, a in zip(self.arg_slots, avals[:k]):
             al[i] = a
-        z = jax.tree_util.tree_unflatten(self.z_def, list(zs))
-        args = jax.tree_util.tree_unflatten(self.a_def, al)
-        return tuple(jax.tree_util.tree_leaves(self.f(z, *args)))
+        return tuple(self.f_conv(*zs, *al, *avals[k:]))
 
     def cell_fn(self):
         """The cell as a function of the flat leaves (z leaves, then float arguments): a stable

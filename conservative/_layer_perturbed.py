@@ -59,6 +59,7 @@ def route_perturbed(theta, *, spec):
 
 class MonteCarloSpec(L.LayerSpec):
     kind = "monte_carlo"
+    batchable = True  # acts on trailing axes: a vmapped axis is one more leading axis
 
     def __init__(self, pspec, framework):
         from nonsmooth.solvers._combinatorial import argmax_onehot

@@ -43,6 +43,7 @@ def route_soft_sort(x, *, op, regularization, strength, descending):
 
 class SoftSortSpec(L.LayerSpec):
     kind = "piecewise"
+    batchable = True  # acts on trailing axes: a vmapped axis is one more leading axis
 
     def __init__(self, op: str, regularization: str, strength: float, descending: bool, *, indices: bool = False):
         self.op, self.reg, self.eps, self.descending, self.indices = op, regularization, strength, descending, indices

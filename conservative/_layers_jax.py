@@ -134,7 +134,27 @@ def _jvp(primals, tangents, *, handle):
     return outs, touts
 
 
+def _batch(args, dims, *, handle):
+    """jax.vmap inside f: layers that act on trailing axes (soft sort, the solvers, the
+    perturbed layers) take the mapped axis as one more leading batch axis."""
+    spec = L.lookup(handle)
+    if not getattr(spec, "batchable", False):
+        raise NotImplementedError(f"the engine cannot trace {spec.name} under jax.vmap; audit the function of one "
+                                  "sample (or a batch without vmap)")
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+    moved = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+             for a, d in zip(args, dims)]
+    outs = layer_p.bind(*moved, handle=handle)
+    return outs, [0] * len(outs)
+
+
 layer_p.def_impl(_impl)
+try:  # jax keeps the batching table private since 0.4.3x
+    from jax._src.interpreters import batching as _batching
+except ImportError:  # pragma: no cover
+    from jax.interpreters import batching as _batching
+
+_batching.primitive_batchers[layer_p] = _batch
 from jax.interpreters import ad as _ad  # noqa: E402
 
 _ad.primitive_jvps[layer_p] = _jvp

@@ -154,3 +154,15 @@ def test_solver_tolerance_bounds_what_is_asked_of_ad():
     g = lambda v: implicit_fixed_point(lambda z, x: 0.5 * torch.tanh(z) + x, _t([0.0]), v)[0]  # noqa: E731
     a = audit(g, _t([0.3]))
     assert a.verdict is Verdict.SMOOTH
+
+
+def test_jax_cell_closing_over_the_audited_input():
+    """z = relu(w z + 1): z* = 1 / (1 - w) for w < 1, dz*/dw = 1 / (1 - w)^2 = 4 at w = 1/2
+    (w reaches the cell by closure: hoisted into the layer's inputs)."""
+    def g(w):
+        layer = deq(lambda p, z, x: jax.nn.relu(w * z + x), tol=1e-12)
+        return layer({}, jnp.ones((1, 1)))
+
+    a = _audit_jax(g, [0.5])
+    assert a.verdict is Verdict.SMOOTH
+    assert a.b_subdifferential.ravel().tolist() == pytest.approx([4.0], abs=1e-9)

@@ -185,3 +185,11 @@ def test_user_ad_is_untouched_by_the_engine():
 def test_float32_input_audits_in_float64():
     a = audit(lambda v: soft_rank(v, regularization_strength=1.0), torch.tensor([0.0, 1.0]))
     assert a.verdict is Verdict.CLARKE
+
+
+def test_jax_vmap_inside_f_is_one_more_batch_axis():
+    f = lambda v: jax.vmap(lambda r: soft_rank(r, regularization_strength=1.0))(v)  # noqa: E731
+    a = _audit("jax", f, [[0.0, 1.0], [0.2, 1.7]])
+    b = _audit("jax", lambda v: soft_rank(v, regularization_strength=1.0), [[0.0, 1.0], [0.2, 1.7]])
+    assert a.verdict is b.verdict is Verdict.CLARKE
+    assert same_sets(a.b_subdifferential, b.b_subdifferential, 1e-12)

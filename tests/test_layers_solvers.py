@@ -112,3 +112,22 @@ def test_solver_inside_a_model_keeps_its_jump():
 def test_grid_costs_at_zero_are_named():
     a = audit(shortest_path_grid, _arr("torch", [[1.0, 0.0], [1.0, 1.0]]))
     assert a.verdict is Verdict.UNDECIDED and "clipped" in a.reason
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_spo_plus_at_a_tie_of_its_solver(fw):
+    """SPO+ with the 2x2 edge shortest path (arcs 0->1, 0->2, 1->3, 2->3; paths {0,2} and
+    {1,3}) and true costs c = (1, 2, 1, 2), so w*(c) = (1, 0, 1, 0).  At c_hat = (1, 1.5, 1,
+    1.5), q = 2 c_hat - c = (1, 1, 1, 1) ties the two paths: the loss is continuous, with
+    gradient 2 (w*(c) - w_q) on each side: 0 and (2, -2, 2, -2)."""
+    from nonsmooth.solvers import spo_plus_loss
+
+    loss = spo_plus_loss(shortest_path_edges((2, 2)))
+    c = _arr(fw, [1.0, 2.0, 1.0, 2.0])
+    with jax.enable_x64(True):
+        a = audit(lambda p: loss(p, c), _arr(fw, [1.0, 1.5, 1.0, 1.5]))
+        b = audit(lambda p: loss(p, c), _arr(fw, [1.0, 2.0, 3.0, 0.5]))
+    assert a.verdict is Verdict.CLARKE and a.exact
+    got = sorted(tuple(B.ravel()) for B in a.b_subdifferential)
+    assert got == [(0.0, 0.0, 0.0, 0.0), (2.0, -2.0, 2.0, -2.0)]
+    assert b.verdict is Verdict.SMOOTH
