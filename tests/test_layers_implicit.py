@@ -166,3 +166,15 @@ def test_jax_cell_closing_over_the_audited_input():
     a = _audit_jax(g, [0.5])
     assert a.verdict is Verdict.SMOOTH
     assert a.b_subdifferential.ravel().tolist() == pytest.approx([4.0], abs=1e-9)
+
+
+@pytest.mark.parametrize("backward", ["jfb", "phantom"])
+def test_approximate_backward_modes_are_named_as_surrogates(backward):
+    """jfb/phantom differentiate a few steps of f, not the fixed point: the audit reports the
+    solution map's Jacobian (2 for z = relu(z/2 + x) at x = 1) and names the surrogate."""
+    g = lambda v: implicit_fixed_point(lambda z, x: torch.relu(z / 2 + x), _t([0.0]), v, tol=1e-12,  # noqa: E731
+                                       backward=backward)[0]
+    a = audit(g, _t([1.0]))
+    assert a.verdict is Verdict.UNDECIDED and backward in a.reason and "surrogate" in a.reason
+    assert a.b_subdifferential.ravel().tolist() == pytest.approx([2.0], abs=1e-10)
+    assert abs(a.ad_jacobian.item() - 2.0) > 0.01  # jfb: 1 (one step); phantom: a partial sum
