@@ -355,6 +355,12 @@ def monte_carlo_audit(P, A, ad, y_user, ad_tol, rng, seed):
                      reason=(f"the traced program does not reproduce f(x) within Monte Carlo error (f(x) lies "
                              f"{z_val:.1f} standard errors from the reference value), so the analysis of the "
                              "trace would not be about f"))
+    kinds = {s_.kind for s_ in A.sites.values()}
+    if A.discontinuous or kinds & {"nonlipschitz", "unsupported"} or A.continuity == "unsure":
+        # the rest of f is not Lipschitz (or that is not settled): the usual verdict says so
+        from ._verdict import verdict
+
+        return dataclasses.replace(verdict(P, A, ad, ad_tol, rng, seed), monte_carlo=info)
     if A.sites:
         B = [b for b in distinct(A.b_elems) if np.all(np.isfinite(b))]
         exact = A.exact

@@ -76,7 +76,7 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     steps = check_trajectory(trajectory, opts.max_iter)
     if _layer_hook.active():  # the audit engine is tracing: the layer is one node it understands
         return _layer_hook.route("implicit", f=f, z0=z0, args=tuple(args), opts=opts, backward=backward,
-                                 batched=batched, framework="jax")
+                                 batched=batched, backward_tol=backward_tol, framework="jax")
     pk = StatePacking(z0, batched)
     args = tuple(args)
     z0f = jax.lax.stop_gradient(pk.pack(z0, "z0"))

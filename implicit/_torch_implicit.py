@@ -204,7 +204,7 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     steps = check_trajectory(trajectory, opts.max_iter)
     if _layer_hook.active():  # the audit engine is tracing: the layer is one node it understands
         return _layer_hook.route("implicit", f=f, z0=z0, args=tuple(args), opts=opts, backward=backward,
-                                 batched=batched, framework="torch")
+                                 batched=batched, backward_tol=backward_tol, framework="torch")
     pk = StatePacking(z0, batched, "z0")
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and _is_vmapped(a):
