@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import _layers as L
-from ._rule_impls import MAX_PERMUTATION_GROUP, Option, permutation_options
+from ._rule_impls import Option, permutation_options
 
 MAX_SOLUTIONS = 256  # optimal solutions of one problem enumerated before sampling stops
 MAX_BRUTE_FORCE = 50_000  # assignments checked one by one

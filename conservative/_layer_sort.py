@@ -111,7 +111,7 @@ class SoftSortSpec(L.LayerSpec):
                                      members=None, default=default))
         return found, (x2, perm, block)
 
-    def _arrays(self, v, order_v):
+    def _arrays(self, v):
         """S, W (anchored at position 0) and the coefficient maker for the sorted keys ``v``."""
         n = len(v)
         rho = np.arange(n, 0, -1, dtype=np.float64)
@@ -144,7 +144,7 @@ class SoftSortSpec(L.LayerSpec):
             return None
         sign = 1.0 if self.alpha > 0 else -1.0
         v0 = sign * x[perm0]
-        S, W = self._arrays(v0, perm0)
+        S, W = self._arrays(v0)
         scale = 1.0 / self.eps if self.op == "rank" else 1.0
         starts0 = np.flatnonzero(block0 == np.arange(n))
         ends0 = np.r_[starts0[1:] - 1, n - 1]
@@ -159,10 +159,10 @@ class SoftSortSpec(L.LayerSpec):
         tight = []
         for j in range(n - 1):
             bi = blk_of[j]
-            if j in bounds0:
-                a, m, b = starts0[bi], j, ends0[bi + 1]
-                g = self._gamma(S, W, starts0[bi], j) - self._gamma(S, W, j + 1, ends0[bi + 1])
-            else:
+            if j in bounds0:  # a cut of the solver's partition: do the blocks' values tie?
+                a, b = starts0[bi], ends0[bi + 1]
+                g = self._gamma(S, W, a, j) - self._gamma(S, W, j + 1, b)
+            else:  # inside one of its blocks: does the block want to split here?
                 a, b = starts0[bi], ends0[bi]
                 g = self._gamma(S, W, a, j) - self._gamma(S, W, j + 1, b)
             if abs(g) <= rtol(a, b):
@@ -201,7 +201,7 @@ class SoftSortSpec(L.LayerSpec):
                 for q in range(g0, g1):  # v_q > v_{q+1} along the order: sign (dx_p - dx_p') > 0
                     order_conds.append([(0, base + int(perm[q]), sign), (0, base + int(perm[q + 1]), -sign)])
             v = sign * x[perm]
-            S, W = self._arrays(v, perm)
+            S, W = self._arrays(v)
             for cuts in dict.fromkeys(cut_sets):
                 cutset = (bounds0 - set(T)) | {j for j, c in zip(T, cuts) if c}
                 starts = np.array([0] + sorted(j + 1 for j in cutset), dtype=np.int64)
