@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import _forward as F
+from . import _layers as L
 from ._certificate import reproduces
 from ._elements import analyse
 from ._lp import hull_residual
@@ -118,6 +119,7 @@ def _decide(P, f, x, got, ad_err, *, kink_tol, exact_budget, n_directions, seed)
         return undecided(P, f"the framework's reverse mode failed on f: {ad_err}")
     ad, y_user = got
     ad_tol = min(max(100 * P.eps, 1e-9), 0.05)  # AD runs in the user's dtype
+    ad_tol = max(ad_tol, L.tolerance(P.graph))  # iterative layers: AD is as accurate as their solves
 
     def ad_in(b_elems):
         if not b_elems or not np.all(np.isfinite(ad)):
@@ -144,6 +146,8 @@ def _decide(P, f, x, got, ad_err, *, kink_tol, exact_budget, n_directions, seed)
         return undecided(P, A, ad)
     if A is None:
         return undecided(P, f"unsupported primitive(s): {', '.join(sorted(set(P.graph.unsupported)))}", ad)
+    if L.layer_nodes(P.graph) and L.monte_carlo(P.graph):  # perturbed layers: a statistical check (_layers.py)
+        return L.finish(P, L.monte_carlo_audit(P, A, ad, y_user, ad_tol, rng, seed))
     if not reproduces(A.out0, y_user, ad_tol):
         if P.cached:  # the closure changed since the cached trace: trace again
             cache_drop(f)
@@ -159,7 +163,7 @@ def _decide(P, f, x, got, ad_err, *, kink_tol, exact_budget, n_directions, seed)
     stop = _stop_gradient_changes_derivative(P)
     if stop:
         return undecided(P, stop, ad, J0=A.J0)
-    return verdict(P, A, ad, ad_tol, rng, seed)
+    return L.finish(P, verdict(P, A, ad, ad_tol, rng, seed))  # surrogate backward passes are named (_layers.py)
 
 
 def audit_batch(f: Callable, xs, **kwargs) -> list[Audit]:

@@ -148,7 +148,8 @@ def analyse(P, *, exact_budget: int, n_directions: int, seed: int, need_enum: Ca
             "nonlipschitz": "a non-Lipschitz point is active",
         }[sorted(blockers)[0]]
     elif incomplete:
-        basis = f"a tied group of {len(incomplete[0].members)} elements is too large to enumerate its orderings"
+        basis = (getattr(incomplete[0], "incomplete_reason", "")  # a layer's own reason (_layers.py)
+                 or f"a tied group of {len(incomplete[0].members)} elements is too large to enumerate its orderings")
     elif weight > exact_budget:
         basis = f"{weight} active kinks exceed exact_budget={exact_budget}"
     eligible = not basis

@@ -91,6 +91,8 @@ class LexPolicy:
     def options(self, site, rowfn, node):
         if site.kind in ("nonlipschitz", "unsupported"):
             return site.options[:1]
+        if site.kind == "layer":  # a layer's pieces (_layers.LayerSite)
+            return [site.lex(rowfn)]
         if site.kind == "norm":
             return [R.norm_lex(site, rowfn, node._norm_slices[site.key[1]])]
         if site.kind == "norminf":
@@ -138,6 +140,8 @@ class ConventionPolicy:
     def options(self, site, rowfn, node):
         s = float(self.weights.get(convention_key(site, node), self.default))
         opts = site.options
+        if site.kind == "layer":  # a layer's pieces (_layers.LayerSite)
+            return [site.convention(s)]
         if site.kind == "norm":
             return [R.Option("zero", [], ("u", np.zeros(len(node._norm_slices[site.key[1]]))))]
         if len(opts) <= 1:
@@ -280,7 +284,7 @@ class Interpreter:
         """A continuous nonsmooth primitive whose outputs reach the result only through
         stop_gradient (softmax's max shift) and whose indices are unused: no kink of f."""
         impl = RULES[node.rule].impl
-        if impl in ("jump", "compare"):
+        if impl in ("jump", "compare", "layer"):
             return False
         if any(o.id in self.relevant for o in node.outputs):
             return False
@@ -604,6 +608,10 @@ class Interpreter:
             return sites, slices
         if impl == "select":
             return self._select_sites(i, node, rule, in_vals, np_in(0), alt(0))
+        if impl == "layer":  # the package's own layers (_layers.py)
+            from . import _layers
+
+            return _layers.sites(self, i, node, in_vals)
         raise AssertionError(impl)
 
     def _select_outcome(self, node, in_vals, x, order):
@@ -665,6 +673,10 @@ class Interpreter:
         k = self._k
         if impl == "select":
             return self._select_apply(node, ctx, chosen, in_vals, in_tans)
+        if impl == "layer":  # the package's own layers (_layers.py)
+            from . import _layers
+
+            return _layers.apply(self, node, ctx, chosen, in_vals, in_tans)
         outs = self.be.eval(node, in_vals)
         if not chosen:
             return outs, self.be.jvp(node, in_vals, in_tans)

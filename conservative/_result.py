@@ -134,6 +134,7 @@ class Audit:
     convention_jacobians: np.ndarray | None = None
     exact_basis: str = ""
     ad_mode: str = "reverse"  # "forward" where reverse mode cannot run (jax's while_loop); see notes
+    monte_carlo: dict | None = None  # perturbed layers: reference, standard errors, z-score (_layer_perturbed.py)
 
     def explain(self) -> str:
         v = self.verdict
@@ -177,6 +178,12 @@ class Audit:
                 parts.append("The piece enumeration was not complete (the hull found is an inner approximation"
                              + (f": {self.exact_basis})." if self.exact_basis else ")."))
         parts.extend(n for n in self.notes if n)
+        if self.monte_carlo is not None and self.monte_carlo.get("z_score") is not None:
+            mc = self.monte_carlo
+            parts.append(f"Monte Carlo check: reference {mc['reference']}; AD at {mc['z_score']:.2f} standard errors "
+                         f"(threshold {mc['threshold']:.2f}; largest standard error "
+                         f"{float(np.max(mc['standard_error'])) if np.size(mc['standard_error']) else 0.0:.3g}, "
+                         f"{mc['simulated_runs']} simulated draws of the estimator).")
         ver = ", ".join(f"{k} {val}" for k, val in self.versions.items())
         parts.append(f"({self.framework}; {ver}; input dtype {self.dtype})")
         return " ".join(parts)
@@ -204,6 +211,8 @@ class Audit:
             "engine_jacobian": arr(self.engine_jacobian),
             "hull_distance": self.hull_distance,
             "notes": list(self.notes),
+            "monte_carlo": None if self.monte_carlo is None else {
+                k: (arr(v) if isinstance(v, np.ndarray) else v) for k, v in self.monte_carlo.items()},
             "explanation": self.explain(),
         }
         return json.loads(json.dumps(_finite_or_none(d), default=str))

@@ -45,7 +45,9 @@ FAMILIES = (
 #                  (sort, max reductions, pooling, cummax ...); ties are the kinks
 #   "norm"         vector norm, nonsmooth where its argument vanishes
 #   "mask"         where/select_n: smooth given the boolean operand (which carries the kink)
-IMPLS = ("unary", "jump", "nonlipschitz", "pick", "compare", "select", "norm", "mask")
+#   "layer"        one of the package's own layers (soft sort, solvers, implicit layers):
+#                  its pieces and Jacobians come from its spec (_layers.py), in LAYER_RULES
+IMPLS = ("unary", "jump", "nonlipschitz", "pick", "compare", "select", "norm", "mask", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +335,18 @@ _RULE_LIST = [
          impl="norm", piecewise_affine=False),
 ]
 
-RULES: dict[str, Rule] = {r.name: r for r in _RULE_LIST}
+class _Registry(dict):
+    """``RULES``: the framework primitives above.  The package's own layers (soft sort,
+    solvers, implicit layers; ``_layers.py``) add rules to ``LAYER_RULES`` at run time; a
+    lookup ``RULES[name]`` finds them, iteration and ``in`` do not (they are not framework
+    primitives and have no SymPy certificate in ``nonsmooth.proofs``)."""
+
+    def __missing__(self, key):
+        return LAYER_RULES[key]
+
+
+LAYER_RULES: dict[str, Rule] = {}
+RULES: dict[str, Rule] = _Registry((r.name, r) for r in _RULE_LIST)
 
 _BY_TORCH = {op: r for r in _RULE_LIST for op in r.torch_ops}
 _BY_JAX = {p: r for r in _RULE_LIST for p in r.jax_primitives}

@@ -124,6 +124,10 @@ class _Tracer:
         avals = [o.aval for o in eqn.outvars]
         p = dict(eqn.params)
         float_in = any(isinstance(a, Var) and a.is_float for a in ins)
+        if name == "nonsmooth_layer":  # a layer of the package (_layers.py)
+            from ._layers_jax import add_node
+
+            return add_node(self, eqn, ins)
         if name == "clamp":  # clamp(lo, x, hi) = min(max(x, lo), hi)
             lo, x, hi = ins
             n1 = self._node("max", lax.max_p, [x, lo], avals, {}, rule="maximum", origin="clamp")
@@ -275,8 +279,10 @@ def trace(f: Callable, xs: tuple) -> Graph:
         out = f(*args) if len(xs) > 1 else f(args[0])
         return jax.tree_util.tree_leaves(out)
 
+    from ._layers import tracing  # the package's own layers: one node each (_layers.py)
+
     try:
-        with _user_context(xs):
+        with _user_context(xs), tracing(FRAMEWORK):
             closed = jax.make_jaxpr(g)(*xs)
     except Exception as e:
         raise TraceError(f"jax could not trace f with make_jaxpr: {type(e).__name__}: {e}") from e

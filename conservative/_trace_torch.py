@@ -95,6 +95,13 @@ class TraceError(Exception):
 
 def trace(f: Callable, xs: tuple) -> Graph:
     """Trace ``f(*xs)`` to a :class:`Graph` of aten ops (functionalized, no in-place ops)."""
+    from ._layers import tracing  # the package's own layers: one node each (_layers.py)
+
+    with tracing(FRAMEWORK):
+        return _trace(f, xs)
+
+
+def _trace(f: Callable, xs: tuple) -> Graph:
     try:
         gm = make_fx(torch.func.functionalize(_positional(f, len(xs)), remove="mutations_and_views"))(*xs)
     except Exception as e:  # the message names the failing op or the control flow
@@ -117,6 +124,12 @@ def trace(f: Callable, xs: tuple) -> Graph:
         elif n.op == "call_function":
             if n.target is operator.getitem:
                 env[n] = env[n.args[0]][n.args[1]]
+                continue
+            if str(n.target) in ("nonsmooth_engine.layer.default", "nonsmooth.soft_sort_rank.default",
+                                 "nonsmooth.solve.default"):
+                from ._layers_torch import add_node  # a layer of the package (_layers.py)
+
+                add_node(graph, n, env, next_id)
                 continue
             if str(n.target) == "aten.clamp.Tensor":
                 _add_clamp_tensor(graph, n, env, next_id)
@@ -569,10 +582,31 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
         return y, y.detach()
 
     xs_d = tuple(x.detach() for x in xs)
-    jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
+    try:
+        jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
+    except RuntimeError as e:
+        # layers that refuse torch.func (implicit layers stop each sample on its own residual
+        # and refuse vmap; the perturbed layers' sampling operator mutates its rng state):
+        # the same reverse mode in eager autograd, one output element at a time
+        try:
+            return _ad_jacobian_rows(flat_f, xs_d)
+        except Exception:
+            raise e from None
     n = y.numel()
     cols = [j.reshape(n, -1).detach().to(torch.float64).cpu().numpy() for j in jac]
     return np.concatenate(cols, axis=1), y.to(torch.float64).cpu().numpy()
+
+
+def _ad_jacobian_rows(flat_f, xs_d):
+    xs_g = tuple(x.clone().requires_grad_(True) for x in xs_d)
+    y, _ = flat_f(*xs_g)
+    rows = []
+    for i in range(y.numel()):
+        gs = torch.autograd.grad(y[i], xs_g, retain_graph=True, allow_unused=True)
+        rows.append(np.concatenate([np.zeros(x.numel()) if g is None else g.reshape(-1).detach().to(torch.float64)
+                                    .cpu().numpy() for g, x in zip(gs, xs_g)]))
+    jac = np.stack(rows) if rows else np.zeros((0, sum(x.numel() for x in xs_d)))
+    return jac, y.detach().to(torch.float64).cpu().numpy()
 
 
 def versions() -> dict:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nonsmooth import _layer_hook
+
 from ._info import SolveInfo
 from ._jax_solve import StatePacking, check_state, finish, solve, solve_flat
 from ._options import SolverOptions, check_backward, check_correction, check_state_shape, check_trajectory
@@ -72,6 +74,9 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     check_backward(backward, backward_solver, phantom_steps, phantom_damping)
     check_correction(correction_steps, correction_damping)
     steps = check_trajectory(trajectory, opts.max_iter)
+    if _layer_hook.active():  # the audit engine is tracing: the layer is one node it understands
+        return _layer_hook.route("implicit", f=f, z0=z0, args=tuple(args), opts=opts, backward=backward,
+                                 batched=batched, backward_tol=backward_tol, framework="jax")
     pk = StatePacking(z0, batched)
     args = tuple(args)
     z0f = jax.lax.stop_gradient(pk.pack(z0, "z0"))

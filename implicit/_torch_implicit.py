@@ -14,6 +14,8 @@ import dataclasses
 
 import torch
 
+from nonsmooth import _layer_hook
+
 from ._info import ImplicitStats, handle_failure
 from ._options import SolverOptions, check_backward, check_correction, check_state_shape, check_trajectory
 from ._torch_solve import _VMAP, StatePacking, _is_vmapped, check_state, gmres, no_forward_ad, solve, solve_flat
@@ -200,6 +202,9 @@ def implicit_fixed_point(f, z0, args, opts: SolverOptions, *, backward="implicit
     check_backward(backward, backward_solver, phantom_steps, phantom_damping)
     check_correction(correction_steps, correction_damping)
     steps = check_trajectory(trajectory, opts.max_iter)
+    if _layer_hook.active():  # the audit engine is tracing: the layer is one node it understands
+        return _layer_hook.route("implicit", f=f, z0=z0, args=tuple(args), opts=opts, backward=backward,
+                                 batched=batched, backward_tol=backward_tol, framework="torch")
     pk = StatePacking(z0, batched, "z0")
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and _is_vmapped(a):

@@ -24,6 +24,8 @@ import dataclasses
 
 import numpy as np
 
+from nonsmooth import _layer_hook
+
 from ._combinatorial_common import GRID_SHIFTS as _SHIFTS
 from ._combinatorial_common import check_array, framework_of
 
@@ -53,6 +55,8 @@ def argmax_onehot(theta):
         array([[0., 1., 0.]])
     """
     fw = check_array(theta, "theta", event_ndim=1)
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("solver", theta, solver=argmax_onehot)
     if fw == "torch":
         import torch
 
@@ -87,6 +91,8 @@ class TopK:
         if self.k > n:
             raise ValueError(f"topk_mask(k={self.k}) needs at least k entries on the last axis, "
                              f"got shape {tuple(theta.shape)}")
+        if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+            return _layer_hook.route("solver", theta, solver=self)
         if fw == "torch":
             return _topk_torch(theta, self.k)
         if fw == "jax":
@@ -157,6 +163,8 @@ def hard_rank(theta):
     """
     fw = check_array(theta, "theta", event_ndim=1)
     n = theta.shape[-1]
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("solver", theta, solver=hard_rank)
     if fw == "torch":
         import torch
 
@@ -190,6 +198,8 @@ def sort_permutation(theta):
     """
     fw = check_array(theta, "theta", event_ndim=1)
     n = theta.shape[-1]
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("solver", theta, solver=sort_permutation)
     if fw == "torch":
         import torch
 
@@ -239,6 +249,8 @@ def shortest_path_grid(costs):
                [0., 0., 1.]])
     """
     fw = check_array(costs, "costs", event_ndim=2)
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("solver", costs, solver=shortest_path_grid)
     if fw == "jax":
         from ._combinatorial_jax import shortest_path_jax
 
@@ -432,6 +444,8 @@ def linear_assignment(cost, *, maximize: bool = False):
     """
     fw = check_array(cost, "cost", event_ndim=2)
     maximize = bool(maximize)
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("solver", cost, solver=linear_assignment, maximize=maximize)
     if fw == "torch":
         import torch
 
@@ -491,6 +505,8 @@ class EdgeShortestPath:
             raise ValueError(
                 f"shortest_path_edges(grid={self.grid}) needs {self.num_edges} edge costs on the "
                 f"last axis (PyEPO's arc order: see .arcs), got shape {tuple(costs.shape)}")
+        if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+            return _layer_hook.route("solver", costs, solver=self)
         if fw == "jax":
             from ._combinatorial_jax import edge_shortest_path_jax
 

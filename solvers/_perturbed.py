@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from nonsmooth import _layer_hook
+
 from . import _perturbed_common as common
 from ._combinatorial_common import check_array, framework_of, solver_info, torch_compiling
 
@@ -66,6 +68,11 @@ class PerturbedLayer:
         """
         fw = _framework_of_input(theta)
         spec = self.spec
+        if _layer_hook.active() and fw in ("torch", "jax") and _is_array(theta):
+            # the audit engine is tracing f: one node it understands (before the layer's
+            # noise stream is touched, so tracing leaves the layer's state as it was)
+            check_array(theta, "theta", event_ndim=spec.event_ndim, finite=False)
+            return _layer_hook.route("perturbed", theta, spec=spec)
         # issue 16: a built-in solver runs a fused kernel (noise regenerated from a counter,
         # never stored); custom solvers, custom noise, pytrees, torch.compile and torch.func
         # transforms keep the general stacked path below

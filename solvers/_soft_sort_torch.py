@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from nonsmooth import _layer_hook
+
 from . import _soft_sort_core as _core
 
 _OP = "nonsmooth::soft_sort_rank"
@@ -380,6 +382,9 @@ def soft_sort_rank_torch(x: torch.Tensor, *, op: str, fn: str, regularization: s
     if x.shape[-1] == 0:
         raise ValueError(f"{fn}: values must not be empty along the last axis, got shape "
                          f"{tuple(x.shape)}")
+    if _layer_hook.active():  # the audit engine is tracing f: one node it understands
+        return _layer_hook.route("soft_sort", x, op=op, regularization=regularization, strength=strength,
+                                 descending=descending)
     xw = x.to(work) if work != x.dtype else x
     if torch.compiler.is_compiling():
         # Dynamo traces the op with its registered autograd; it rejects Functions

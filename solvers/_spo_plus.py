@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from nonsmooth import _layer_hook
+
 from ._combinatorial_common import (check_array, check_batched, framework_of, solver_info,
                                     solver_name)
 
@@ -145,7 +147,10 @@ def _spo_torch(spec, pred, true, true_sol, true_obj, batch):
     axes = tuple(range(len(batch), pred.ndim))
     dot = lambda a, b: (a * b).sum(dim=axes)  # noqa: E731
     true = true.detach().to(pred.dtype)
-    wq = torch.ops.nonsmooth.solve((2 * pred - true).detach(), sid)
+    q = 2 * pred - true
+    # The solver is piecewise constant, so detaching its input changes no derivative; the
+    # audit engine needs the input's tangent to see where the solver's ties are.
+    wq = torch.ops.nonsmooth.solve(q if _layer_hook.active() else q.detach(), sid)
     wstar = torch.ops.nonsmooth.solve(true, sid) if true_sol is None else \
         true_sol.detach().to(pred.dtype)
     if true_obj is None:
@@ -168,7 +173,9 @@ def _spo_jax(spec, pred, true, true_sol, true_obj, batch):
     is_batched = resolve_batched(spec.solver, spec.batched, spec.cache, pred, nb)
 
     def solve(x):
-        y = call_solver(spec.solver, sg(x), nlead=nb, batched=is_batched)
+        # (the audit engine needs the input's tangent to see the solver's ties; the solver
+        # is piecewise constant, so stop_gradient changes no derivative)
+        y = call_solver(spec.solver, x if _layer_hook.active() else sg(x), nlead=nb, batched=is_batched)
         if tuple(y.shape) != tuple(x.shape):
             raise ValueError(f"the solver returned shape {tuple(y.shape)}, but SPO+ needs "
                              f"solutions of the costs' shape {tuple(x.shape)}")
