@@ -106,6 +106,8 @@ def _trace(f: Callable, xs: tuple) -> Graph:
         gm = make_fx(torch.func.functionalize(_positional(f, len(xs)), remove="mutations_and_views"))(*xs)
     except Exception as e:  # the message names the failing op or the control flow
         raise TraceError(f"torch could not trace f with make_fx: {type(e).__name__}: {e}") from e
+    if any(n.op == "call_function" and n.target in _higher_order_ops() for n in gm.graph.nodes):
+        gm = _inline_higher_order(gm, xs)
 
     counter = iter(range(1 << 62))
     next_id = lambda: next(counter)  # noqa: E731
@@ -149,6 +151,42 @@ def _trace(f: Callable, xs: tuple) -> Graph:
                     raise TraceError(f"f must return a tensor (or tuple of tensors); got {o!r}")
                 graph.outputs.append(v)
     return graph
+
+
+def _higher_order_ops() -> tuple:
+    ho = getattr(torch.ops, "higher_order", None)
+    return tuple(op for op in (getattr(ho, "cond", None), getattr(ho, "while_loop", None)) if op is not None)
+
+
+class _Inliner(torch.fx.Interpreter):
+    """Runs a traced graph, spelling ``torch.cond(pred, t, f, ops)`` as
+    ``torch.where(pred, t(ops), f(ops))``: both branches become part of the program, the
+    predicate's comparison is a kink (or a jump) like any other, and the untaken branch's
+    values never reach the output (``where`` selects; its tangents are selected too)."""
+
+    def call_function(self, target, args, kwargs):
+        ho = torch.ops.higher_order
+        if target is getattr(ho, "cond", None):
+            pred, true_gm, false_gm, ops = args[:4]
+            a = _Inliner(true_gm).run(*ops)
+            b = _Inliner(false_gm).run(*ops)
+            if not isinstance(pred, torch.Tensor):  # a Python bool: the branch is fixed
+                return a if pred else b
+            return type(a)(torch.where(pred, u, v) for u, v in zip(a, b))
+        if target is getattr(ho, "while_loop", None):
+            raise TraceError("torch.while_loop is not analysed: its iteration count depends on the data and the "
+                             "engine follows data-dependent loops in jax (jax.lax.while_loop) only; spell the "
+                             "loop with a Python loop (unrolled by the trace) or audit the jax version")
+        return super().call_function(target, args, kwargs)
+
+
+def _inline_higher_order(gm, xs: tuple):
+    try:
+        return make_fx(lambda *a: _Inliner(gm).run(*a))(*xs)
+    except TraceError:
+        raise
+    except Exception as e:
+        raise TraceError(f"torch could not inline the control flow of f: {type(e).__name__}: {e}") from e
 
 
 def _positional(f, n):
@@ -584,10 +622,11 @@ def ad_jacobian(f: Callable, xs: tuple, n_out: int | None):
     xs_d = tuple(x.detach() for x in xs)
     try:
         jac, y = torch.func.jacrev(flat_f, argnums=tuple(range(len(xs_d))), has_aux=True)(*xs_d)
-    except RuntimeError as e:
+    except Exception as e:
         # layers that refuse torch.func (implicit layers stop each sample on its own residual
-        # and refuse vmap; the perturbed layers' sampling operator mutates its rng state):
-        # the same reverse mode in eager autograd, one output element at a time
+        # and refuse vmap; the perturbed layers' sampling operator mutates its rng state;
+        # torch.cond asserts under functorch): the same reverse mode in eager autograd,
+        # one output element at a time
         try:
             return _ad_jacobian_rows(flat_f, xs_d)
         except Exception:
