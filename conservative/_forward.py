@@ -354,7 +354,8 @@ class Interpreter:
                 if frame is None:
                     self._leaf(st)
                 elif not self._policy.branching:
-                    stack.append(("node", frame.i + 1, self._single_path(frame, st)))
+                    nxt = frame.i + 1 if frame.resume is None else frame.resume  # a loop node resumes itself
+                    stack.append(("node", nxt, self._single_path(frame, st)))
                 else:
                     stack.append(("site", frame, 0, [], st))
                 continue
