@@ -261,7 +261,7 @@ class Interpreter:
         self.relevant = rel
         self.sites_seen: dict = {}
         self.pruned: list[Pruned] = []
-        self.collapsed: set = set()  # sites whose options all gave the same first-order result
+        self.collapsed: set = set()  # (site, choices before it) whose options gave the same first-order result
         self.stop_identity = False  # True: detach/stop_gradient pass tangents (f's own derivative)
         self._seeds: dict = {}
         self.log_rows = False
@@ -477,8 +477,11 @@ class Interpreter:
                 # not matter; otherwise the pieces are uncertified.
                 self._degenerate_discrete(fr, j, chosen, st, site, opts)
                 return []
-            # every branch gives the same tangents and values: take one
-            self.collapsed.add((site.node, site.key))
+            # every branch gives the same tangents and values: take one.  Recorded with the
+            # choices before it: the same site may split in another branch (its argument's
+            # gradient vanishes under one choice of an earlier kink, not under the other)
+            before = fr.chosen_before + tuple(chosen)
+            self.collapsed.add((site.node, site.key, tuple((s.node, s.key, o.label) for s, o in before)))
             opts, rows_per_opt = opts[:1], rows_per_opt[:1]
         children = []
         for opt, rows in zip(opts, rows_per_opt):

@@ -123,8 +123,8 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
         return [], False, f"{n_patterns} sign patterns exceed the second-order budget of {MAX_SECOND_ORDER_PATTERNS}"
     collapsed = set(P.interp.collapsed)
     # a pattern differing from a found piece only at sites whose options agree to first
-    # order has that piece's gradient: nothing to decide
-    found = [{_site_id(s): o.label for s, o in lf.choices if _site_id(s) not in collapsed} for lf in leaves]
+    # order *in that piece's branch* has that piece's gradient: nothing to decide
+    found = [_found_key(lf, collapsed) for lf in leaves]
     exact_prunes = [{_site_id(s): o.label for s, o in pr.choices} for pr in pruned if not any(pr is u for u in uncertain)]
     try:
         frozen = FrozenProgram(P, order)
@@ -154,6 +154,16 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
         return extra, False, (f"{undecided} sign pattern(s) stay undecided at second order (their regions, if any, "
                               "are thinner than x**2)")
     return extra, True, ""
+
+
+def _found_key(leaf, collapsed: set) -> dict:
+    """A found piece's choices, less the sites collapsed under the choices before them."""
+    key, before = {}, []
+    for s, o in leaf.choices:
+        if (s.node, s.key, tuple(before)) not in collapsed:
+            key[_site_id(s)] = o.label
+        before.append((s.node, s.key, o.label))
+    return key
 
 
 def _identity_empty(P, order, pattern, rows) -> bool:

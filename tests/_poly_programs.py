@@ -214,12 +214,19 @@ def oracle(prog: PolyProgram, max_rounds: int = 12):
                 args = []
                 for o in prog.outputs:
                     _arguments(o, env, args)
+                on_root = False
                 for a in args:
                     p = sp.expand(a.subs({U: s, V: T}))
-                    if p != 0 and p.free_symbols and p not in polys:
-                        polys.add(p)
-                        new = True
-                if key not in patterns:
+                    if p != 0 and p.free_symbols:
+                        on_root = on_root or p.subs(T, t) == 0
+                        if p not in polys:
+                            polys.add(p)
+                            new = True
+                # a point that lands on a root of an argument not yet isolated is on a
+                # boundary, not in an open piece: that argument joins the polynomials and
+                # the next round samples on both sides of its root (an argument that is
+                # identically zero is a tie everywhere, not a boundary)
+                if key not in patterns and not on_root:
                     patterns[key] = env
         if not new:
             break
