@@ -26,7 +26,7 @@ jnp = jax.numpy
 from nonsmooth.conservative import Verdict, audit  # noqa: E402
 
 DEFAULT_SEEDS = range(0, 14)
-SLOW_SEEDS = range(14, 214)
+SLOW_SEEDS = range(14, 114)  # 200 more were run by hand for the closing note of issue 13
 TALLY: collections.Counter = collections.Counter()
 
 
