@@ -142,9 +142,11 @@ def _second_order_patterns(P, sites: dict, leaves, pruned, uncertain, seed):
             rows, hess = frozen.conditions(pattern)
         except Exception as e:  # a primitive without second derivatives in the framework
             return extra, False, f"the framework could not differentiate the frozen program twice ({type(e).__name__})"
-        if _identity_empty(P, order, pattern, rows):
+        keep = ~_identically_zero(P, order, pattern, rows)
+        rows, hess = rows[keep], hess[keep]
+        if _identity_empty(P, order, pattern, rows, keep):
             continue
-        verdict = decide(rows, hess, seed=seed)
+        verdict = decide(rows, hess, seed=seed) if len(rows) else "active"
         if verdict == "active":
             leaf = P.run(F.AssignPolicy(_assign_from(pattern)))[0]
             extra.append(leaf.jac)
@@ -166,13 +168,35 @@ def _found_key(leaf, collapsed: set) -> dict:
     return key
 
 
-def _identity_empty(P, order, pattern, rows) -> bool:
-    """Whether a nonnegative combination of the pattern's conditions is identically zero (or
-    a nonpositive sum of squares): then they cannot all be positive anywhere."""
+def _metas(order, pattern):
     from ._forward import CondMeta
 
     choices = tuple((s, pattern[_site_id(s)]) for s in order)
-    metas = [CondMeta(s.node, tuple(cond), False, choices) for s in order for cond in pattern[_site_id(s)].conds]
+    return choices, [CondMeta(s.node, tuple(cond), False, choices) for s in order for cond in pattern[_site_id(s)].conds]
+
+
+def _identically_zero(P, order, pattern, rows) -> np.ndarray:
+    """The conditions that are identically zero: ties between arguments that are the same
+    expression (``min(a, a)``, ``relu(a - a)``).  Such a site splits nothing (every option
+    is the same function), so its strict conditions, never satisfiable, must not make the
+    pattern look empty: they are dropped."""
+    from ._canonical import Canonicalizer, condition_form
+
+    choices, metas = _metas(order, pattern)
+    out = np.zeros(len(metas), dtype=bool)
+    canon = None
+    for i, meta in enumerate(metas):
+        if np.max(np.abs(rows[i]), initial=0.0) == 0.0:
+            canon = canon or Canonicalizer(P, choices)
+            out[i] = not any(v != 0.0 for v in condition_form(canon, P, meta).values())
+    return out
+
+
+def _identity_empty(P, order, pattern, rows, keep) -> bool:
+    """Whether a nonnegative combination of the pattern's (kept) conditions is identically
+    zero (or a nonpositive sum of squares): then they cannot all be positive anywhere."""
+    choices, metas = _metas(order, pattern)
+    metas = [m for m, k in zip(metas, keep) if k]
     return farkas_identity(P, list(rows), metas, choices)
 
 

@@ -171,3 +171,36 @@ def test_oracle_against_sampled_gradients_on_cones(seed):
         assert min(np.max(np.abs(g - t)) for t in truth) <= 1e-3, (seed, g.tolist())
     for t in truth:
         assert np.min(np.max(np.abs(sampled - t[None]), axis=(1, 2))) <= 1e-3, (seed, t.tolist())
+
+
+def test_a_tie_between_identical_arguments_splits_nothing():
+    """Seed 545 of the generator, reduced: f = (relu(3/2 u^2 - 2 v), -min(-3u^2, -3u^2)
+    - 2 min(3u^2 - 2v, u^2 - v/2)) at 0.  min(a, a) ties everywhere, so its options are one
+    function; its strict conditions (a - a > 0) must not empty the thin piece next to it.
+
+    By hand (v = t u^2): t < 3/4 gives rows (0, -2), (0, 1); 3/4 < t < 4/3 gives (0, 0),
+    (0, 1); t > 4/3 gives (0, 0), (0, 4).  AD is in the hull, so CLARKE; an exact set has
+    all three."""
+    truth = [np.array([[0.0, -2.0], [0.0, 1.0]]), np.array([[0.0, 0.0], [0.0, 1.0]]),
+             np.array([[0.0, 0.0], [0.0, 4.0]])]
+
+    def f_torch(x):
+        u, v = x[0], x[1]
+        return torch.stack([torch.relu(1.5 * u * u - 2 * v),
+                            -torch.stack([-3 * u * u, -3 * u * u]).min(0).values
+                            - 2 * torch.minimum(3 * u * u - 2 * v, u * u - 0.5 * v)])
+
+    def f_jax(x):
+        u, v = x[0], x[1]
+        return jnp.stack([jax.nn.relu(1.5 * u * u - 2 * v),
+                          -jnp.min(jnp.stack([-3 * u * u, -3 * u * u]), axis=0)
+                          - 2 * jnp.minimum(3 * u * u - 2 * v, u * u - 0.5 * v)])
+
+    for f, x in ((f_torch, torch.zeros(2, dtype=torch.float64)),
+                 (f_jax, _point(random_poly_program(0), "jax", "float64") * 0)):
+        a = audit(f, x)
+        for b in a.b_subdifferential:
+            assert hull_distance(truth, b) <= 1e-9
+        if a.exact:
+            assert all(hull_distance(a.b_subdifferential, g) <= 1e-9 for g in truth), a.explain()
+        assert a.verdict in (Verdict.CLARKE, Verdict.UNDECIDED), a.explain()
