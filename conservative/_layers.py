@@ -27,6 +27,8 @@ with no choice at a site gives the piece the layer's own code takes at x.
 """
 from __future__ import annotations
 
+import abc
+
 import collections
 import contextlib
 import dataclasses
@@ -60,7 +62,7 @@ def layer_rule(name: str, *, piecewise_affine: bool, description: str) -> str:
     return name
 
 
-class LayerSpec:
+class LayerSpec(abc.ABC):
     """One kind of layer call, as the engine sees it (subclasses override what applies).
 
     ``kind``: "piecewise" (finitely many pieces: soft sort, hard solvers), "monte_carlo"
@@ -77,10 +79,12 @@ class LayerSpec:
         """A hashable key: equal keys are interchangeable specs (None: never shared)."""
         return None
 
+    @abc.abstractmethod
     def out_meta(self, metas: list) -> list:
         """[(shape, dtype name)] of the outputs from the inputs' [(shape, dtype name)]."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, xs: list) -> list:
         """The outputs at float64 NumPy inputs ``xs`` (integer outputs as int64)."""
         raise NotImplementedError
@@ -89,6 +93,7 @@ class LayerSpec:
         """(sites active at ``xs``, context for :meth:`apply`)."""
         return [], None
 
+    @abc.abstractmethod
     def apply(self, xs: list, tans: list, chosen: list, ctx, k: int):
         """(output values, output tangents (k, size) or None) on the chosen pieces."""
         raise NotImplementedError
