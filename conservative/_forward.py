@@ -170,30 +170,35 @@ def _affine_vars(graph: Graph, backend) -> tuple[set, set]:
     live = {v.id for v in graph.inputs}
     affine = set(live) | set(graph.consts)
     for node in graph.nodes:
-        ins = [v for v in node.inputs if isinstance(v, Var)]
         if getattr(node, "spec", None) is not None:  # a loop node (_loops): its body decides
             from . import _loops
 
             _loops.propagate(node, live, affine, backend)
             continue
-        is_live = any(v.id in live for v in ins)
-        if is_live:
-            for o in node.outputs:
-                live.add(o.id)
-        if not is_live:
-            ok = True
-        elif node.rule is not None:
-            ok = RULES[node.rule].piecewise_affine and all(v.id in affine for v in ins)
-        elif node.prim in STOP:
-            ok = True  # no tangent passes: constant as far as the pieces go
-        else:
-            ok = backend.is_linear(node, [isinstance(v, Var) and v.id in live for v in node.inputs]) and all(
-                v.id in affine for v in ins if v.id in live
-            )
-        if ok:
-            for o in node.outputs:
-                affine.add(o.id)
+        mark_affine(node, live, affine, backend)
     return live, affine
+
+
+def mark_affine(node, live: set, affine: set, backend) -> None:
+    """Add ``node``'s outputs to ``live`` if an input is live, and to ``affine`` if they
+    are piecewise affine in the inputs (shared by the graph and by loop bodies)."""
+    ins = [v for v in node.inputs if isinstance(v, Var)]
+    is_live = any(v.id in live for v in ins)
+    if is_live:
+        for o in node.outputs:
+            live.add(o.id)
+    if not is_live:
+        ok = True
+    elif node.rule is not None:
+        ok = RULES[node.rule].piecewise_affine and all(v.id in affine for v in ins)
+    elif node.prim in STOP:
+        ok = True  # no tangent passes: constant as far as the pieces go
+    else:
+        ok = backend.is_linear(node, [isinstance(v, Var) and v.id in live for v in node.inputs]) and all(
+            v.id in affine for v in ins if v.id in live)
+    if ok:
+        for o in node.outputs:
+            affine.add(o.id)
 
 
 @dataclasses.dataclass

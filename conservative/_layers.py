@@ -28,7 +28,6 @@ with no choice at a site gives the piece the layer's own code takes at x.
 from __future__ import annotations
 
 import abc
-
 import collections
 import contextlib
 import dataclasses

@@ -152,29 +152,13 @@ def all_subgraphs(node: LoopNode):
 
 def _flow(nodes, live: set, affine: set, backend) -> None:
     """``_forward._affine_vars`` over a sub-graph's nodes (same rules), adding to the sets."""
-    from ._forward import STOP
+    from ._forward import mark_affine
 
     for node in nodes:
         if isinstance(node, LoopNode):
             propagate(node, live, affine, backend)
             continue
-        ins = [v for v in node.inputs if isinstance(v, Var)]
-        is_live = any(v.id in live for v in ins)
-        if is_live:
-            for o in node.outputs:
-                live.add(o.id)
-        if not is_live:
-            ok = True
-        elif node.rule is not None:
-            ok = RULES[node.rule].piecewise_affine and all(v.id in affine for v in ins)
-        elif node.prim in STOP:
-            ok = True
-        else:
-            ok = backend.is_linear(node, [isinstance(v, Var) and v.id in live for v in node.inputs]) and all(
-                v.id in affine for v in ins if v.id in live)
-        if ok:
-            for o in node.outputs:
-                affine.add(o.id)
+        mark_affine(node, live, affine, backend)
 
 
 def _sub_ids(sub: SubGraph) -> set:

@@ -445,16 +445,8 @@ class Backend:
         return _to64(v)
 
     def _call(self, node: Node, vals):
-        op, flat, spec, slots = node.payload
-        key = id(node)
-        base = self._flat64.get(key)
-        if base is None:
-            base = self._flat64[key] = [_to64(a) for a in flat]
-        flat = list(base)
-        for s, v in zip(slots, vals):
-            flat[s] = v
-        args, kwargs = pytree.tree_unflatten(flat, spec)
-        return op(*args, **kwargs)
+        args, kwargs = self._args(node, vals)
+        return node.payload[0](*args, **kwargs)
 
     def eval(self, node: Node, vals) -> list:
         out = self._call(node, vals)
